@@ -1,0 +1,195 @@
+"""Load any published SSCD checkpoint, detecting its layout from the file's contents.
+
+Layouts (../shared/sscd/FACTS.md): `.torchvision.pt` and `.classy.pt` are bare
+state_dicts; `.torchscript.pt` is a traced module. Classy Vision is not a dependency:
+its keys map 1:1 onto torchvision's ResNet names.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from export.model import SSCD
+from sscd_triton import spec
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class Loaded:
+    """A checkpoint ready to export: `model` maps `[N,3,H,W]` to `[N,dims]` descriptors."""
+
+    model: nn.Module
+    layout: str  # "torchvision" | "classy" | "torchscript"
+    trunk: str  # a key of spec.TRUNKS, or "unknown (TorchScript)" when it cannot be told
+    dims: int
+    parameters: int
+    path: str
+
+
+_CLASSY_BLOCK = re.compile(r"blocks\.(\d+)\.block\d+-(\d+)\.(.*)")
+_CLASSY_CONV = {"convolutional_block.0": "conv1", "convolutional_block.1": "bn1",
+                "convolutional_block.3": "conv2", "convolutional_block.4": "bn2",
+                "convolutional_block.6": "conv3", "bn": "bn3"}
+
+
+def classy_to_torchvision(key: str) -> str:
+    """Map one Classy Vision SSCD key onto the `.torchvision.pt` name (FACTS table)."""
+    if key.startswith("embeddings.1."):
+        return "backbone.fc." + key[len("embeddings.1."):]
+    if not key.startswith("backbone."):
+        return key
+    k = key[len("backbone."):]
+    if k.startswith("initial_block._module.0."):
+        return "backbone.conv1." + k[len("initial_block._module.0."):]
+    if k.startswith("initial_block._module.1."):
+        return "backbone.bn1." + k[len("initial_block._module.1."):]
+    m = _CLASSY_BLOCK.fullmatch(k)
+    if not m:
+        return key
+    stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
+    for src, dst in _CLASSY_CONV.items():
+        if rest.startswith(src + "."):
+            rest = dst + rest[len(src):]
+            break
+    return f"backbone.layer{stage + 1}.{block}.{rest}"
+
+
+def _trunk_of(state: dict) -> str:
+    blocks = tuple(
+        len({k.split(".")[2] for k in state if k.startswith(f"backbone.layer{s}.")})
+        for s in (1, 2, 3, 4)
+    )
+    conv2 = state.get("backbone.layer1.0.conv2.weight")
+    groups = 1 if conv2 is None else max(1, conv2.shape[0] // conv2.shape[1])
+    for name, t in spec.TRUNKS.items():
+        if t.blocks == blocks and t.groups == groups:
+            return name
+    raise CheckpointError(f"unknown trunk: stages of {list(blocks)} blocks with {groups} "
+                          "groups match neither ResNet50 nor ResNeXt101 32x4d")
+
+
+def _lightning_message(path: str) -> str:
+    return (f"{path} is a PyTorch Lightning training checkpoint (.ckpt), not a published SSCD "
+            "model. Export its weights first, e.g. "
+            "`torch.save({k.removeprefix('model.'): v for k, v in ckpt['state_dict'].items()}, "
+            "'model.classy.pt')`, or use a published .classy.pt/.torchvision.pt/.torchscript.pt")
+
+
+def _load_state_dict(state: dict, path: str, dims: int | None) -> Loaded:
+    if "state_dict" in state or "pytorch-lightning_version" in state:
+        raise CheckpointError(_lightning_message(path))
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        bad = next(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+        raise CheckpointError(f"{path} is not an SSCD state_dict: entry {bad!r} is a "
+                              f"{type(bad).__name__}, not a tensor")
+    if any(k.startswith("backbone.initial_block.") for k in state):
+        layout = "classy"
+        state = {classy_to_torchvision(k): v for k, v in state.items()}
+    elif "backbone.conv1.weight" in state:
+        layout = "torchvision"
+    else:
+        first = next(iter(state), "(none)")
+        raise CheckpointError(f"{path}: unknown key layout, first key {first!r}; expected "
+                              "'backbone.conv1.weight' (torchvision) or "
+                              "'backbone.initial_block._module.0.weight' (classy)")
+    fc = state.get("backbone.fc.weight")
+    if fc is None:
+        raise CheckpointError(f"{path}: missing key 'backbone.fc.weight' "
+                              f"({'embeddings.1.weight' if layout == 'classy' else 'the Linear'})"
+                              " : the file has no descriptor projection")
+    file_dims = int(fc.shape[0])
+    if dims is not None and dims != file_dims:
+        raise CheckpointError(f"--dims {dims} contradicts {path}, whose projection gives "
+                              f"{file_dims}-d descriptors")
+    trunk = _trunk_of(state)
+    model = SSCD(trunk, file_dims)
+    expected = model.state_dict()
+    # Published files may or may not carry BatchNorm's num_batches_tracked counters.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing, first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, first {unexpected[0]!r}")
+        raise CheckpointError(f"{path}: unknown key layout for {layout} {trunk}: "
+                              + "; ".join(parts))
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{path}: key {k!r} has shape {tuple(v.shape)}, "
+                                  f"expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    return Loaded(model, layout, trunk, file_dims, params, path)
+
+
+def _is_torchscript(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _pickled_names(path: str) -> set[bytes]:
+    """The marker strings present in a torch zip's pickle, read without unpickling it
+    (unpickling an unknown file with weights_only=False would run its code)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            blob = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+    except (zipfile.BadZipFile, OSError):
+        return set()
+    return {m for m in (b"pytorch-lightning_version", b"state_dict") if m in blob}
+
+
+def load(path: str, dims: int | None = None) -> Loaded:
+    """Load `path` in whichever published layout it holds; raise CheckpointError if none."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(path, map_location="cpu").eval()
+        except Exception as e:
+            raise CheckpointError(f"{path}: TorchScript archive that does not load "
+                                  f"(truncated or corrupt?): {str(e).splitlines()[0]}") from None
+        with torch.no_grad():
+            out = module(torch.zeros(1, 3, 64, 64))
+        if out.ndim != 2:
+            raise CheckpointError(f"{path}: TorchScript module returns shape {tuple(out.shape)},"
+                                  " not [N, dims] descriptors")
+        file_dims = int(out.shape[1])
+        if dims is not None and dims != file_dims:
+            raise CheckpointError(f"--dims {dims} contradicts {path}, whose module gives "
+                                  f"{file_dims}-d descriptors")
+        state = module.state_dict()
+        convs = sum(1 for k, v in state.items() if v.ndim == 4)
+        trunk = {53: "resnet50", 104: "resnext101_32x4d"}.get(convs, "unknown (TorchScript)")
+        params = sum(p.numel() for p in module.parameters())
+        return Loaded(module, "torchscript", trunk, file_dims, params, path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if zipfile.is_zipfile(path) or "zip" in reason.lower() or "central directory" in reason:
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
+        if "Unsupported global" in str(e) or "weights_only" in str(e):
+            if _pickled_names(path) & {b"pytorch-lightning_version", b"state_dict"}:
+                raise CheckpointError(_lightning_message(path)) from None
+            raise CheckpointError(f"{path}: holds objects other than tensors; not an SSCD "
+                                  "state_dict") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({reason})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+    return _load_state_dict(state, path, dims)

@@ -1,0 +1,73 @@
+"""Image decoding and upstream preprocessing with PIL and numpy (no torch).
+
+`decode` + `to_tensor` reproduce upstream's `Image.open(...).convert('RGB')` followed by
+torchvision `Resize` / `ToTensor` / `Normalize` on PIL images: torchvision resizes a PIL
+image with PIL's own bilinear filter, so this path is upstream's arithmetic, not an
+approximation of it. The CPU Triton preprocessing model and the client use it.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sscd_triton import spec
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")  # MPO: multi-picture JPEG
+
+
+class ImageError(ValueError):
+    """An input that is not a decodable image; the message says why, for a person."""
+
+
+def decode(data: bytes, max_pixels: int = spec.MAX_IMAGE_PIXELS) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, refusing oversized images before decoding them.
+
+    Animated images give their first frame; EXIF orientation is ignored, as upstream.
+    """
+    if len(data) == 0:
+        raise ImageError("empty input: zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (UnidentifiedImageError, Image.DecompressionBombWarning):
+        raise ImageError(f"not an image: {len(data)} bytes in no supported format "
+                         "(JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}") from None
+    except Exception as e:  # PIL raises many types on malformed headers
+        raise ImageError(f"unreadable image header: {e}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} = {width * height} pixels, "
+                         f"limit {max_pixels}")
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels: {width}x{height}")
+    try:
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:
+        raise ImageError(f"corrupt or truncated {img.format} image: {e}") from None
+
+
+def to_tensor(img: Image.Image, preprocess: spec.Preprocess) -> np.ndarray:
+    """RGB PIL image -> float32 `[3, H, W]`, normalised as upstream (see `spec`)."""
+    h, w = preprocess.output_hw(*img.size)
+    resized = img.resize((w, h), Image.BILINEAR)
+    x = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
+    x = (x - np.asarray(spec.MEAN, np.float32)) / np.asarray(spec.STD, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_tensor(data: bytes, preprocess: spec.Preprocess,
+                max_pixels: int = spec.MAX_IMAGE_PIXELS) -> np.ndarray:
+    return to_tensor(decode(data, max_pixels), preprocess)
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()

@@ -1,0 +1,81 @@
+"""Parity measures between descriptor sets, as ../shared/triton/NOTES.md prescribes.
+
+A random-weight SSCD maps every image to nearly the same descriptor, so an absolute
+cosine bound passes for any two images. Pipeline parity is therefore measured on
+descriptors centred on the reference mean, and against the distance to the nearest
+*other* image: a faithful pipeline moves a descriptor much less than that.
+All functions take float arrays `[N, dims]`, row i of both sets describing image i.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sscd_triton import spec
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Parity:
+    """Agreement of `candidate` descriptors with `reference` descriptors of the same images."""
+
+    n: int
+    max_abs: float  # max |candidate - reference| over all elements of the unit descriptors
+    centered_cosine_min: float  # min over images of cos(c_i - mu, r_i - mu), mu = mean(reference)
+    nearest_ratio_max: float  # max over i of |c_i - r_i| / min_{j != i} |c_i - r_j|
+    top1: int  # images whose nearest reference is their own
+
+    @property
+    def top1_all(self) -> bool:
+        return self.top1 == self.n
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "top1_all": self.top1_all}
+
+
+def measure(candidate: np.ndarray, reference: np.ndarray) -> Parity:
+    c = np.asarray(candidate, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if c.shape != r.shape or c.ndim != 2:
+        raise ValueError(f"descriptor sets differ in shape: {c.shape} vs {r.shape}")
+    n = len(r)
+    mu = r.mean(axis=0, keepdims=True)
+    # With a single image the mean is the image itself; centring would leave nothing.
+    cc, rc = (_unit(c - mu), _unit(r - mu)) if n > 1 else (_unit(c), _unit(r))
+    centered = np.sum(cc * rc, axis=1)
+    dist = np.linalg.norm(c[:, None, :] - r[None, :, :], axis=2)  # dist[i, j] = |c_i - r_j|
+    own = np.diag(dist).copy()
+    if n > 1:
+        others = dist + np.diag(np.full(n, np.inf))
+        ratio = own / np.maximum(others.min(axis=1), 1e-12)
+        top1 = int(np.sum(np.argmin(dist, axis=1) == np.arange(n)))
+    else:
+        ratio, top1 = np.zeros(1), 1
+    return Parity(
+        n=n,
+        max_abs=float(np.max(np.abs(c - r))),
+        centered_cosine_min=float(centered.min()),
+        nearest_ratio_max=float(ratio.max()),
+        top1=top1,
+    )
+
+
+def pipeline_failures(p: Parity) -> list[str]:
+    """Bounds for a changed pipeline (preprocessing, fp16): empty when all hold."""
+    out = []
+    if p.centered_cosine_min < spec.CENTERED_COSINE_MIN:
+        out.append(f"centered cosine {p.centered_cosine_min:.5f} < {spec.CENTERED_COSINE_MIN}")
+    if p.nearest_ratio_max > spec.NEAREST_RATIO_MAX:
+        out.append(f"error/nearest ratio {p.nearest_ratio_max:.4f} > {spec.NEAREST_RATIO_MAX}")
+    if not p.top1_all:
+        out.append(f"top-1 agreement {p.top1}/{p.n}")
+    return out
+
+
+def exact_failures(p: Parity, bound: float = spec.FP32_MAX_ABS) -> list[str]:
+    """Bound for the same computation on another runtime (fp32 model parity)."""
+    return [] if p.max_abs <= bound else [f"max |difference| {p.max_abs:.2e} > {bound:.0e}"]
