@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -160,7 +161,9 @@ def load(path: str, dims: int | None = None) -> Loaded:
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if _is_torchscript(path):
         try:
-            module = torch.jit.load(path, map_location="cpu").eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # jit deprecation notice
+                module = torch.jit.load(path, map_location="cpu").eval()
         except Exception as e:
             raise CheckpointError(f"{path}: TorchScript archive that does not load "
                                   f"(truncated or corrupt?): {str(e).splitlines()[0]}") from None

@@ -22,9 +22,8 @@ def gem(x: torch.Tensor, p: float = spec.GEM_P, eps: float = spec.GEM_EPS) -> to
 class SSCD(nn.Module):
     """`[N, 3, H, W]` float32 normalised images -> `[N, dims]` float32 unit descriptors.
 
-    With `half_trunk()` the convolutional trunk runs in fp16 while GeM, the Linear and
-    the normalisation stay fp32: `clamp(x) ** 3` overflows fp16 once an activation
-    exceeds ~40, and the norm's sum of squares overflows too.
+    Half precision is applied to the exported ONNX graph, not here (export/onnx_export.py),
+    so that TorchScript checkpoints get exactly the same treatment.
     """
 
     def __init__(self, trunk: str = "resnet50", dims: int = 512):
@@ -35,15 +34,9 @@ class SSCD(nn.Module):
                                groups=t.groups, width_per_group=t.width_per_group)
         self.backbone.avgpool = nn.Identity()  # GeM replaces it; stateless, applied in forward
 
-    def half_trunk(self) -> "SSCD":
-        self.backbone.half()
-        self.backbone.fc.float()
-        return self
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b = self.backbone
-        x = images.to(b.conv1.weight.dtype)
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
         x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
-        x = b.fc(gem(x.float()))
+        x = b.fc(gem(x))
         return F.normalize(x, dim=1, eps=spec.L2_EPS)

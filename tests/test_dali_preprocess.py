@@ -1,0 +1,113 @@
+"""The DALI preprocessing (export/dali_pipeline.py) against the PIL reference, on the CPU.
+
+The CPU variant of the pipeline runs the same resize and normalisation as the served GPU
+one; only the decoder differs (libjpeg-turbo here, nvJPEG there). Parity is measured on
+descriptors of a random-weight SSCD, centred, as ../shared/triton/NOTES.md prescribes.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali is not installed "
+                           "(pip install nvidia-dali-cuda120); the gpu target's preprocessing needs it")
+torch = pytest.importorskip("torch")
+skimage = pytest.importorskip("skimage")
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+from PIL import Image  # noqa: E402
+
+from export import dali_pipeline  # noqa: E402
+from export.model import SSCD  # noqa: E402
+from sscd_triton import images, parity, spec  # noqa: E402
+
+# Real photographs of varied sizes and aspects; chelsea (451x300 -> 432.96) and
+# motorcycle (741x500 -> 426.8) have long edges where truncation and rounding differ.
+SKIMAGE_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
+                 "motorcycle_left.png", "hubble_deep_field.jpg")
+SKLEARN_FILES = ("china.jpg", "flower.jpg")
+FORMATS = {"JPEG": {"quality": 95}, "PNG": {}}
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    data_dir = os.path.join(os.path.dirname(skimage.__file__), "data")
+    out = [Image.open(os.path.join(data_dir, f)).convert("RGB") for f in SKIMAGE_FILES]
+    out += [Image.fromarray(sklearn_datasets.load_sample_image(f)) for f in SKLEARN_FILES]
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SSCD("resnet50", 512).eval()
+
+
+def _describe(model, tensors: list[np.ndarray]) -> np.ndarray:
+    """Descriptors `[N, 512]`; one image at a time since short288 shapes differ."""
+    with torch.inference_mode():
+        return np.concatenate([model(torch.from_numpy(t)[None]).numpy() for t in tensors])
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("preset", list(spec.PREPROCESS))
+def test_dali_matches_pil_reference(photos, model, preset, fmt):
+    pre = spec.PREPROCESS[preset]
+    encoded = [images.encode(p, fmt, **FORMATS[fmt]) for p in photos]
+    dali_t = dali_pipeline.run_cpu(pre, encoded)
+    ref_t = [images.load_tensor(b, pre) for b in encoded]
+    for p, d, r in zip(photos, dali_t, ref_t):
+        assert d.dtype == np.float32
+        assert d.shape == r.shape == (3, *pre.output_hw(*p.size)), (p.size, d.shape, r.shape)
+    pixel_err = max(float(np.abs(d - r).max()) for d, r in zip(dali_t, ref_t))
+    p = parity.measure(_describe(model, dali_t), _describe(model, ref_t))
+    print(f"\n[dali-cpu vs PIL] {preset} {fmt}: n={p.n} "
+          f"centered_cosine_min={p.centered_cosine_min:.6f} "
+          f"nearest_ratio_max={p.nearest_ratio_max:.4f} top1={p.top1}/{p.n} "
+          f"max_abs_descriptor={p.max_abs:.2e} max_abs_tensor={pixel_err:.3f}")
+    assert parity.pipeline_failures(p) == []
+
+
+@pytest.mark.parametrize("size", [(1001, 577), (577, 1001), (451, 300), (300, 451),
+                                  (289, 288), (100, 3000), (288, 288)])
+def test_short288_size_is_truncated_like_torchvision(size):
+    # DALI's own resize_shorter would round 288*1001/577 = 499.6 to 500; torchvision gives 499.
+    pre = spec.PREPROCESS["short288"]
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    (out,) = dali_pipeline.run_cpu(pre, [images.encode(img, "PNG")])
+    assert out.shape == (3, *pre.output_hw(*size))
+
+
+def test_exif_orientation_is_ignored():
+    img = Image.new("RGB", (120, 60), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 60, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW": upstream's PIL path does not apply it
+    data = images.encode(img, "JPEG", quality=95, exif=exif.tobytes())
+    pre = spec.PREPROCESS["short288"]
+    (out,) = dali_pipeline.run_cpu(pre, [data])
+    ref = images.load_tensor(data, pre)
+    assert out.shape == ref.shape == (3, 288, 576)
+    assert np.abs(out - ref).max() < 0.05
+
+
+def test_oversized_image_fails_the_batch_before_decoding():
+    small = images.encode(Image.new("RGB", (40, 30), (10, 200, 30)), "PNG")
+    pre = spec.PREPROCESS["square320"]
+    assert len(dali_pipeline.run_cpu(pre, [small, small], max_pixels=1200)) == 2
+    with pytest.raises(RuntimeError, match="reshape"):
+        dali_pipeline.run_cpu(pre, [small, images.encode(Image.new("RGB", (41, 30)), "PNG")],
+                              max_pixels=1200)
+
+
+@pytest.mark.parametrize("preset", list(spec.PREPROCESS))
+def test_serialize_writes_model_dali(tmp_path, preset):
+    path = tmp_path / "model.dali"
+    dali_pipeline.serialize(spec.PREPROCESS[preset], 8, path)
+    blob = path.read_bytes()
+    assert len(blob) > 0
+    # The served graph: the named input and the GPU (mixed) decoder, even without a GPU here.
+    assert spec.ENSEMBLE_INPUT.encode() in blob and b"mixed" in blob
