@@ -185,13 +185,13 @@ def load(path: str, dims: int | None = None) -> Loaded:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if zipfile.is_zipfile(path) or "zip" in reason.lower() or "central directory" in reason:
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
-        if "Unsupported global" in str(e) or "weights_only" in str(e):
-            if _pickled_names(path) & {b"pytorch-lightning_version", b"state_dict"}:
+        if "Unsupported global" in str(e):  # a full pickle: parse it, never execute it
+            if _pickled_names(path):
                 raise CheckpointError(_lightning_message(path)) from None
             raise CheckpointError(f"{path}: holds objects other than tensors; not an SSCD "
                                   "state_dict") from None
+        if zipfile.is_zipfile(path) or "zip" in reason.lower() or "central directory" in reason:
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({reason})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")

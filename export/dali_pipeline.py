@@ -20,9 +20,10 @@ Numerics (against `sscd_triton.images`, i.e. upstream PIL + torchvision):
   (a float quotient of integers this small never rounds up across an integer).
 
 Pixel limit (`max_pixels`): the header shape is checked before decoding. An image over the
-limit fails the *whole batch* (DALI has no per-sample errors; NVIDIA/DALI#3913), with an
-error from the operator named `REFUSE_OP` below; decoding a 40000 x 40000 PNG on the GPU
-would instead risk running the device out of memory for every request in flight. Requests
+limit fails the *whole batch* (DALI has no per-sample errors; NVIDIA/DALI#3913) with a
+cryptic error from `fn.reshape` (instance `REFUSE_OP`: "Input and output samples must
+occupy the same size in bytes", with the sample index); decoding a 40000 x 40000 PNG on
+the GPU would instead risk running the device out of memory for every request. Requests
 are meant to be refused individually before they reach DALI (the ensemble's caller or a
 front step); this gate is the backstop. Corrupt bytes likewise fail the batch.
 Formats: DALI decodes JPEG, PNG, BMP, TIFF, WebP, JPEG 2000, PNM, but not GIF.

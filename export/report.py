@@ -24,8 +24,8 @@ class Check:
 class Report:
     """Prints `[step/total] ...` lines with elapsed times, then a table of checks."""
 
-    def __init__(self, title: str, steps: int, stream=sys.stdout):
-        self.title, self.steps, self.stream = title, steps, stream
+    def __init__(self, title: str, steps: int, stream=None):
+        self.title, self.steps, self.stream = title, steps, stream or sys.stdout
         self.step = 0
         self.start = self._last = time.perf_counter()
         self.facts: dict = {}

@@ -11,8 +11,9 @@ import os
 import numpy as np
 import pytest
 
-dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali is not installed "
-                           "(pip install nvidia-dali-cuda120); the gpu target's preprocessing needs it")
+dali = pytest.importorskip(
+    "nvidia.dali", reason="nvidia.dali is not installed (pip install nvidia-dali-cuda120); "
+    "the gpu target's preprocessing is a DALI pipeline")
 torch = pytest.importorskip("torch")
 skimage = pytest.importorskip("skimage")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
@@ -46,9 +47,13 @@ def model():
 
 
 def _describe(model, tensors: list[np.ndarray]) -> np.ndarray:
-    """Descriptors `[N, 512]`; one image at a time since short288 shapes differ."""
+    """Descriptors `[N, 512]`, one batch per distinct tensor shape (short288 shapes vary)."""
+    out = np.empty((len(tensors), model.dims), np.float32)
     with torch.inference_mode():
-        return np.concatenate([model(torch.from_numpy(t)[None]).numpy() for t in tensors])
+        for shape in {t.shape for t in tensors}:
+            idx = [i for i, t in enumerate(tensors) if t.shape == shape]
+            out[idx] = model(torch.from_numpy(np.stack([tensors[i] for i in idx]))).numpy()
+    return out
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

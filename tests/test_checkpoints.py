@@ -1,0 +1,123 @@
+"""Loading every published layout is exact, and bad files fail with one clear line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from conftest import key_dump, reference_model, to_classy
+from export import checkpoints
+
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+
+
+@pytest.mark.parametrize("trunk,dump", [
+    ("resnet50", "keys-classy-resnet50-512.txt"),
+    ("resnext101_32x4d", "keys-classy-resnext101_32x4d-1024.txt"),
+])
+def test_classy_names_and_shapes_match_the_published_files(trunk, dump):
+    state = reference_model(trunk).state_dict()
+    written = [(to_classy(k), tuple(v.shape)) for k, v in state.items()]
+    assert written == key_dump(dump)
+
+
+def test_torchvision_names_and_shapes_match_the_published_file():
+    state = reference_model("resnet50").state_dict()
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == \
+        key_dump("keys-torchvision-resnet50-512.txt")
+
+
+@pytest.mark.parametrize("name,layout,trunk,dims", [
+    ("torchvision", "torchvision", "resnet50", 512),
+    ("classy", "classy", "resnet50", 512),
+    ("classy_nbt", "classy", "resnet50", 512),
+    ("torchscript", "torchscript", "resnet50", 512),
+    ("classy_large", "classy", "resnext101_32x4d", 1024),
+])
+def test_layout_is_detected_and_loads_exactly(ckpts, name, layout, trunk, dims):
+    paths, refs = ckpts
+    loaded = checkpoints.load(paths[name])
+    assert (loaded.layout, loaded.trunk, loaded.dims) == (layout, trunk, dims)
+    x = torch.randn(2, 3, 96, 128, generator=torch.manual_seed(3))
+    with torch.no_grad():
+        diff = (loaded.model(x) - refs[name](x)).abs().max().item()
+    assert diff == 0.0
+
+
+def _fail(path, *args):
+    r = subprocess.run([sys.executable, "export/export_onnx.py", "--checkpoint", str(path),
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_missing_file(tmp_path):
+    assert "no such file" in _fail(tmp_path / "nope.pt", "--output", str(tmp_path / "m.onnx"))
+
+
+def test_not_a_checkpoint(tmp_path):
+    p = tmp_path / "notes.classy.pt"
+    p.write_text("hello, I am text\n")
+    assert "not a PyTorch checkpoint" in _fail(p, "--output", str(tmp_path / "m.onnx"))
+
+
+def test_truncated_file(ckpts, tmp_path):
+    data = open(ckpts[0]["classy"], "rb").read()
+    p = tmp_path / "cut.classy.pt"
+    p.write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt" in _fail(p, "--output", str(tmp_path / "m.onnx"))
+
+
+def test_truncated_torchscript(ckpts, tmp_path):
+    data = open(ckpts[0]["torchscript"], "rb").read()
+    p = tmp_path / "cut.torchscript.pt"
+    p.write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt" in _fail(p, "--output", str(tmp_path / "m.onnx"))
+
+
+def test_lightning_ckpt_says_how_to_extract(ckpts, tmp_path):
+    import argparse
+    state = torch.load(ckpts[0]["classy"])
+    p = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "pytorch-lightning_version": "1.5.10",
+                "hyper_parameters": argparse.Namespace(lr=0.1),
+                "state_dict": {"model." + k: v for k, v in state.items()}}, p)
+    line = _fail(p, "--output", str(tmp_path / "m.onnx"))
+    assert "Lightning" in line and "state_dict" in line
+
+
+def test_unknown_layout_names_first_missing_and_unexpected(ckpts, tmp_path):
+    state = torch.load(ckpts[0]["torchvision"])
+    state["backbone.layer1.0.extra.weight"] = state.pop("backbone.layer1.0.conv2.weight")
+    p = tmp_path / "odd.torchvision.pt"
+    torch.save(state, p)
+    line = _fail(p, "--output", str(tmp_path / "m.onnx"))
+    assert "backbone.layer1.0.conv2.weight" in line and "backbone.layer1.0.extra.weight" in line
+
+    p2 = tmp_path / "foreign.pt"
+    torch.save({"encoder.weight": torch.zeros(2)}, p2)
+    assert "unknown key layout" in _fail(p2, "--output", str(tmp_path / "m.onnx"))
+
+
+def test_dims_that_contradict_the_file(ckpts, tmp_path):
+    line = _fail(ckpts[0]["classy"], "--dims", "1024", "--output", str(tmp_path / "m.onnx"))
+    assert "--dims 1024" in line and "512" in line
+
+
+def test_output_that_cannot_be_written(ckpts, tmp_path):
+    line = _fail(ckpts[0]["classy"], "--output", str(tmp_path / "no" / "such" / "m.onnx"))
+    assert "does not exist" in line
+    assert not (tmp_path / "no").exists()
+
+
+def test_zip_that_is_not_torch(tmp_path):
+    p = tmp_path / "x.torchscript.pt"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("readme.txt", "not a model")
+    assert _fail(p, "--output", str(tmp_path / "m.onnx"))

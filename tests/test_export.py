@@ -1,0 +1,110 @@
+"""ONNX export: parity with PyTorch for every layout and both precisions, dynamic shapes."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import export_onnx
+from sscd_triton import runtime, spec
+
+CASES = [(layout, precision) for layout in ("torchvision", "classy", "torchscript", "classy_large")
+         for precision in ("fp32", "fp16")]
+
+
+@pytest.fixture(scope="session")
+def exported(ckpts, tmp_path_factory):
+    """Each (layout, precision) exported once: (exit status, stdout, model path)."""
+    paths, _ = ckpts
+    d = tmp_path_factory.mktemp("onnx")
+    done = {}
+
+    def get(layout, precision, *extra):
+        key = (layout, precision, *extra)
+        if key not in done:
+            out = str(d / f"{layout}-{precision}{''.join(extra)}.onnx")
+            import contextlib, io
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                status = export_onnx.main(["--checkpoint", paths[layout], "--output", out,
+                                           "--precision", precision, *extra])
+            done[key] = (status, buf.getvalue(), out)
+        return done[key]
+    return get
+
+
+@pytest.mark.parametrize("layout,precision", CASES)
+def test_export_passes_every_parity_check(exported, layout, precision):
+    status, log, path = exported(layout, precision)
+    print(log)
+    assert status == 0, log
+    report = json.load(open(os.path.splitext(path)[0] + ".parity.json"))
+    assert report["passed"] and report["precision"] == precision
+    names = [c["name"] for c in report["checks"]]
+    assert names[:2] == [f"io {spec.INPUT_NAME}", f"io {spec.OUTPUT_NAME}"]
+    for b in (1, 3, 16):
+        assert f"skew_320 batch {b}" in names
+    assert any(n.startswith("small_288") for n in names)
+    assert all(c["ok"] for c in report["checks"])
+    if precision == "fp32":
+        assert max(c["figures"].get("max_abs", 0) for c in report["checks"]) <= 1e-4
+    else:
+        last = report["checks"][-1]["figures"]
+        assert last["centered_cosine_min"] >= 0.999 and last["nearest_ratio_max"] <= 0.05
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "classy_large"])
+def test_fp16_graph_keeps_gem_and_norm_in_fp32(exported, layout):
+    _, _, path = exported(layout, "fp16")
+    g = onnx.load(path)
+    kinds = {i.name: i.data_type for i in g.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in kinds.values()
+    assert g.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert g.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ops = [n.op_type for n in g.graph.node]
+    head = ops[ops.index("Pow") - 3:]
+    assert "cast_trunk_fp32" in [n.name for n in g.graph.node]
+    gemm = next(n for n in g.graph.node if n.op_type == "Gemm")
+    assert all(kinds.get(i, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for i in gemm.input)
+    assert "ReduceL2" in head or "ReduceSumSquare" in head
+
+
+@pytest.mark.parametrize("batch,h,w", [(1, 288, 384), (16, 320, 320), (1, 512, 288), (3, 288, 384)])
+def test_dynamic_shapes(exported, ckpts, batch, h, w):
+    _, refs = ckpts
+    _, _, path = exported("torchvision", "fp32")
+    run = runtime.onnx_runner(runtime.onnx_session(path))
+    x = torch.randn(batch, 3, h, w, generator=torch.manual_seed(batch + h))
+    with torch.no_grad():
+        ref = refs["torchvision"](x).numpy()
+    out = run(x.numpy())
+    assert out.shape == (batch, 512)
+    assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_static_size_fixes_height_and_width(exported):
+    status, log, path = exported("torchvision", "fp32", "--static-size", "320")
+    assert status == 0, log
+    sess = runtime.onnx_session(path)
+    shape = sess.get_inputs()[0].shape
+    assert shape[1:] == [3, 320, 320] and not isinstance(shape[0], int)
+    assert "skip" in log and "fixed 320x320" in log
+
+
+def test_checker_and_opset(exported):
+    _, _, path = exported("classy", "fp32")
+    g = onnx.load(path)
+    onnx.checker.check_model(g)
+    assert max(o.version for o in g.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i.name for i in g.graph.input] == [spec.INPUT_NAME]
+    assert [o.name for o in g.graph.output] == [spec.OUTPUT_NAME]
+
+
+def test_no_partial_model_is_left_when_export_fails(ckpts, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert export_onnx.main(["--checkpoint", str(tmp_path / "missing.pt"), "--output", str(out)]) == 2
+    assert list(tmp_path.iterdir()) == []
