@@ -88,7 +88,8 @@ def build_pipeline(preprocess: spec.Preprocess, max_batch_size: int, device_id: 
     return pipe()
 
 
-def serialize(preprocess: spec.Preprocess, max_batch_size: int, path) -> None:
+def serialize(preprocess: spec.Preprocess, max_batch_size: int, path,
+              max_pixels: int = spec.MAX_IMAGE_PIXELS) -> None:
     """Write the production pipeline (mixed decoder, GPU ops) to `path` (`model.dali`).
 
     DALI 2.4 refuses to create a pipeline with a `device_id` when CUDA is absent, even
@@ -98,7 +99,8 @@ def serialize(preprocess: spec.Preprocess, max_batch_size: int, path) -> None:
     serialized with no device id; with one, with device 0.
     """
     device_id = 0 if dali_backend.GetCUDADeviceCount() > 0 else None
-    pipe = build_pipeline(preprocess, max_batch_size, device_id=device_id, gpu=True)
+    pipe = build_pipeline(preprocess, max_batch_size, device_id=device_id,
+                          max_pixels=max_pixels, gpu=True)
     pipe.serialize(filename=str(path))
 
 

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sscd_triton import spec
 
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")  # MPO: multi-picture JPEG
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG covers multi-picture (MPO) files
 
 
 class ImageError(ValueError):

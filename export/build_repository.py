@@ -1,0 +1,104 @@
+"""Build a complete Triton model repository for SSCD from one checkpoint.
+
+    python export/build_repository.py --checkpoint CKPT --target cpu --output runs/model_repository
+    python export/build_repository.py --target gpu --configs-only --output model_repository
+
+gpu: DALI preprocessing + TensorRT plan (`--plan`) or ONNX on onnxruntime with the
+TensorRT execution provider. cpu: python-backend preprocessing (PIL) + the same ONNX on
+ONNX Runtime. Exit status: 0 ok, 1 a parity bound failed, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from export import checkpoints, demo, onnx_export, repository
+from export.report import Report
+from sscd_triton import spec
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="published SSCD checkpoint (default: untrained demo weights)")
+    p.add_argument("--target", choices=repository.TARGETS, default="gpu")
+    p.add_argument("--output", default="runs/model_repository", help="repository folder")
+    p.add_argument("--precision", choices=onnx_export.PRECISIONS,
+                   help="descriptor precision (default: fp16 on gpu, fp32 on cpu)")
+    p.add_argument("--preprocess", choices=sorted(spec.PREPROCESS), default=spec.DEFAULT_PREPROCESS)
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="largest batch a model step runs (default: 64 gpu, 16 cpu)")
+    p.add_argument("--max-pixels", type=int, default=spec.MAX_IMAGE_PIXELS,
+                   help="refuse images with more pixels, before decoding them")
+    p.add_argument("--plan", help="gpu: a TensorRT plan from export/build_tensorrt.py to serve")
+    p.add_argument("--dims", type=int, help="descriptor size (checked against the checkpoint)")
+    p.add_argument("--configs-only", action="store_true",
+                   help="write configs only (no export): regenerates the committed model_repository/")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    precision = args.precision or ("fp16" if args.target == "gpu" else "fp32")
+    max_batch = args.max_batch or (64 if args.target == "gpu" else 16)
+    err = None
+    if max_batch < 1:
+        err = f"--max-batch {max_batch}: must be >= 1"
+    elif args.plan and args.target != "gpu":
+        err = "--plan is for --target gpu; the cpu target serves ONNX"
+    elif args.plan and not os.path.isfile(args.plan):
+        err = f"--plan {args.plan}: no such file"
+    elif args.max_pixels < 1:
+        err = f"--max-pixels {args.max_pixels}: must be >= 1"
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    layout = dict(target=args.target, preprocess=args.preprocess, precision=precision,
+                  max_batch=max_batch, max_pixels=args.max_pixels, plan=bool(args.plan))
+    if args.configs_only:
+        written = repository.write_configs(args.output, repository.Layout(dims=args.dims or 512, **layout))
+        print("\n".join(f"wrote {p}" for p in written))
+        return 0
+
+    report = Report(f"sscd-triton repository: checkpoint -> Triton model repository ({args.target})", 6)
+    onnx_path = os.path.join(args.output, spec.DESCRIPTOR_MODEL, "1", "model.onnx")
+    try:
+        os.makedirs(os.path.dirname(onnx_path), exist_ok=True)
+        onnx_export.check_writable(onnx_path)
+        source = args.checkpoint
+        if source is None:
+            source = demo.write_demo_checkpoint("runs/demo-untrained.torchvision.pt")
+            report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
+        loaded = checkpoints.load(source, args.dims)
+    except (OSError, checkpoints.CheckpointError, onnx_export.OutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report.log(f"loaded {source}: {loaded.layout} layout, {loaded.trunk}, {loaded.dims}-d",
+               checkpoint=source, dims=loaded.dims, target=args.target)
+    lay = repository.Layout(dims=loaded.dims, **layout)
+    # Square preprocessing fixes the tensor shape: give engines a static H and W.
+    pre = spec.PREPROCESS[args.preprocess]
+    static = pre.size if (args.target == "gpu" and pre.square) else None
+    onnx_export.export(loaded, onnx_path, precision, static, report)
+    if args.target == "gpu":
+        from export import dali_pipeline
+
+        dali = os.path.join(args.output, spec.PREPROCESS_MODEL, "1", "model.dali")
+        os.makedirs(os.path.dirname(dali), exist_ok=True)
+        dali_pipeline.serialize(pre, max_batch, dali + ".tmp", args.max_pixels)
+        os.replace(dali + ".tmp", dali)
+        report.log(f"serialized DALI pipeline ({args.preprocess}) -> {dali}")
+        if args.plan:
+            repository.place_artifact(args.output, spec.DESCRIPTOR_MODEL, args.plan, "model.plan")
+            report.note(f"serving TensorRT plan {args.plan}")
+    written = repository.write_configs(args.output, lay)
+    report.log(f"wrote {len(written)} configs (max batch {max_batch}, preprocess "
+               f"{args.preprocess}, descriptor {precision}) under {args.output}")
+    report.table()
+    report.write_json(os.path.join(args.output, "build_report.json"))
+    print(f"\nNext: tritonserver --model-repository {args.output}")
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Triton model repository generation: every config from `sscd_triton.spec` and one
+`Layout`, written through tritonclient's `model_config_pb2` so that what is written parses.
+
+Three models, the same names, inputs and outputs on both targets:
+  sscd            ensemble: uint8 [-1] encoded file -> float32 [dims] descriptor
+  sscd_preprocess gpu: DALI (nvJPEG, antialiased linear resize); cpu: python backend (PIL)
+  sscd_descriptor gpu: tensorrt_plan, else onnxruntime + TensorRT EP; cpu: python + ORT
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from sscd_triton import images, spec
+
+TARGETS = ("gpu", "cpu")
+WARMUP_FILE = "warmup_image.jpg"
+PYTHON_SHIM = "from sscd_triton.{module} import TritonPythonModel  # noqa: F401\n"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a repository serves and how hard it batches."""
+
+    target: str = "gpu"
+    dims: int = 512
+    preprocess: str = spec.DEFAULT_PREPROCESS
+    precision: str = "fp16"
+    max_batch: int = 64
+    max_pixels: int = spec.MAX_IMAGE_PIXELS
+    plan: bool = False  # gpu: serve a TensorRT plan instead of ONNX
+    queue_delay_us: int = 2000
+    max_inflight: int = 0  # ensemble backpressure; 0 = 4 x max_batch
+
+    @property
+    def image_dims(self) -> list[int]:
+        p = spec.PREPROCESS[self.preprocess]
+        return [spec.CHANNELS, p.size, p.size] if p.square else [spec.CHANNELS, -1, -1]
+
+    @property
+    def warmup_dims(self) -> list[int]:
+        p = spec.PREPROCESS[self.preprocess]
+        return [spec.CHANNELS, p.size, p.size if p.square else p.size * 4 // 3]
+
+
+def _param(cfg: mc.ModelConfig, key: str, value) -> None:
+    cfg.parameters[key].string_value = str(value)
+
+
+def _batching(cfg: mc.ModelConfig, layout: Layout) -> None:
+    b = cfg.dynamic_batching
+    b.preferred_batch_size.extend(sorted({max(1, layout.max_batch // 2), layout.max_batch}))
+    b.max_queue_delay_microseconds = layout.queue_delay_us
+    # Bounded queue: overload is refused at once instead of growing latency without end.
+    b.default_queue_policy.max_queue_size = 16 * layout.max_batch
+    b.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
+
+
+def _instances(cfg: mc.ModelConfig, layout: Layout, count: int) -> None:
+    g = cfg.instance_group.add()
+    g.count = count
+    g.kind = mc.ModelInstanceGroup.KIND_GPU if layout.target == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+
+
+def preprocess_config(layout: Layout) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.PREPROCESS_MODEL, max_batch_size=layout.max_batch)
+    cfg.input.add(name=spec.ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1],
+                  allow_ragged_batch=True)
+    cfg.output.add(name=spec.INPUT_NAME, data_type=mc.TYPE_FP32, dims=layout.image_dims)
+    if layout.target == "gpu":
+        cfg.backend = "dali"
+        _instances(cfg, layout, 1)
+    else:
+        cfg.backend = "python"
+        _param(cfg, "preprocess", layout.preprocess)
+        _param(cfg, "max_pixels", layout.max_pixels)
+        _instances(cfg, layout, 2)  # one process per core: PIL decoding holds the GIL
+    _batching(cfg, layout)
+    w = cfg.model_warmup.add(name="one_jpeg", batch_size=1)
+    w.inputs[spec.ENSEMBLE_INPUT].data_type = mc.TYPE_UINT8
+    w.inputs[spec.ENSEMBLE_INPUT].dims.append(len(warmup_image()))
+    w.inputs[spec.ENSEMBLE_INPUT].input_data_file = WARMUP_FILE
+    return cfg
+
+
+def descriptor_config(layout: Layout) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.DESCRIPTOR_MODEL, max_batch_size=layout.max_batch)
+    cfg.input.add(name=spec.INPUT_NAME, data_type=mc.TYPE_FP32, dims=layout.image_dims)
+    cfg.output.add(name=spec.OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[layout.dims])
+    if layout.target == "cpu":
+        cfg.backend = "python"
+        _param(cfg, "onnx_file", "model.onnx")
+        _param(cfg, "threads", 0)
+        _instances(cfg, layout, 1)  # ONNX Runtime already uses every core
+    elif layout.plan:
+        cfg.backend = "tensorrt"
+        _instances(cfg, layout, 2)  # two execution contexts overlap copies and compute
+    else:
+        cfg.backend = "onnxruntime"
+        _instances(cfg, layout, 2)
+        trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters["precision_mode"] = layout.precision.upper()
+        trt.parameters["max_workspace_size_bytes"] = str(4 << 30)
+        # Without the engine cache every model load rebuilds engines for minutes.
+        trt.parameters["trt_engine_cache_enable"] = "1"
+        trt.parameters["trt_engine_cache_path"] = "/tmp/sscd_trt_cache"
+    _batching(cfg, layout)
+    w = cfg.model_warmup.add(name="zeros", batch_size=1)
+    w.inputs[spec.INPUT_NAME].data_type = mc.TYPE_FP32
+    w.inputs[spec.INPUT_NAME].dims.extend(layout.warmup_dims)
+    w.inputs[spec.INPUT_NAME].zero_data = True
+    return cfg
+
+
+def ensemble_config(layout: Layout) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.ENSEMBLE_NAME, platform="ensemble",
+                         max_batch_size=layout.max_batch)
+    cfg.input.add(name=spec.ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
+    cfg.output.add(name=spec.ENSEMBLE_OUTPUT, data_type=mc.TYPE_FP32, dims=[layout.dims])
+    steps = cfg.ensemble_scheduling
+    pre = steps.step.add(model_name=spec.PREPROCESS_MODEL, model_version=-1)
+    pre.input_map[spec.ENSEMBLE_INPUT] = spec.ENSEMBLE_INPUT
+    pre.output_map[spec.INPUT_NAME] = "preprocessed"
+    desc = steps.step.add(model_name=spec.DESCRIPTOR_MODEL, model_version=-1)
+    desc.input_map[spec.INPUT_NAME] = "preprocessed"
+    desc.output_map[spec.OUTPUT_NAME] = spec.ENSEMBLE_OUTPUT
+    if layout.target == "gpu":
+        # Backpressure: decoding outruns inference and a decoded tensor is ~10x its file;
+        # bound what waits between the steps (shared across requests since Triton 26.04;
+        # the 2.51 server bundled for the cpu target predates the field).
+        steps.max_inflight_requests = layout.max_inflight or 4 * layout.max_batch
+    return cfg
+
+
+def configs(layout: Layout) -> list[mc.ModelConfig]:
+    return [ensemble_config(layout), preprocess_config(layout), descriptor_config(layout)]
+
+
+def to_pbtxt(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse_pbtxt(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def warmup_image() -> bytes:
+    """A small real JPEG for warm-up requests (decoders reject synthetic zeros)."""
+    from PIL import Image
+
+    return images.encode(Image.new("RGB", (64, 48), (120, 90, 60)), "JPEG", quality=90)
+
+
+def _write(path: str, data: bytes | str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_configs(root: str, layout: Layout) -> list[str]:
+    """Write config.pbtxt files (and the files they reference that are not artifacts)."""
+    written = []
+    for cfg in configs(layout):
+        folder = os.path.join(root, cfg.name)
+        _write(os.path.join(folder, "config.pbtxt"), to_pbtxt(cfg))
+        written.append(os.path.join(folder, "config.pbtxt"))
+        if cfg.model_warmup and cfg.name == spec.PREPROCESS_MODEL:
+            _write(os.path.join(folder, "warmup", WARMUP_FILE), warmup_image())
+        if cfg.backend == "python":
+            module = "triton_preprocess" if cfg.name == spec.PREPROCESS_MODEL else "triton_descriptor"
+            _write(os.path.join(folder, "1", "model.py"), PYTHON_SHIM.format(module=module))
+        os.makedirs(os.path.join(folder, "1"), exist_ok=True)
+    return written
+
+
+def place_artifact(root: str, model: str, source: str, name: str) -> str:
+    """Copy an exported file into `root/model/1/name` atomically."""
+    dest = os.path.join(root, model, "1", name)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.tmp{os.getpid()}"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+    return dest
