@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job on this machine: set up, export a checkpoint (untrained demo weights when
+# none is given) into a cpu Triton repository, serve it with tritonserver on 127.0.0.1,
+# embed real photographs in six formats through it, print parity against PyTorch, stop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+ckpt=()
+[ $# -ge 1 ] && ckpt=(--checkpoint "$1")
+.venv/bin/python export/build_repository.py --target cpu --output runs/model_repository "${ckpt[@]}"
+.venv/bin/python export/serve_check.py --repository runs/model_repository "${ckpt[@]}" 2> runs/tritonserver.log \
+  || { status=$?; tail -n 5 runs/tritonserver.log >&2; exit $status; }
