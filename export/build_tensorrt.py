@@ -43,8 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--size", metavar="S", help="fix H = W = S (default 320, square320 serving)")
     for which in ("min", "opt", "max"):
-        p.add_argument(f"--{which}-size", metavar="S|HxW", help=f"dynamic H, W: {which} of the range")
-    p.add_argument("--timing-cache", metavar="PATH", help="loaded if present, saved after the build")
+        p.add_argument(f"--{which}-size", metavar="S|HxW",
+                       help=f"dynamic H, W: {which} of the range")
+    p.add_argument("--timing-cache", metavar="PATH",
+                   help="loaded if present, saved after the build")
     p.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace limit")
     return p.parse_args(argv)
 
@@ -90,7 +92,7 @@ def parity(trt, engine, prep: Prepared, precision: str) -> list[Check]:
     import torch
 
     if not torch.cuda.is_available():
-        return [Check("parity", None, f"n/a: torch {torch.__version__} has no CUDA")]
+        return [Check("parity", None, f"n/a: no CUDA device visible to torch {torch.__version__}")]
     run, static_size, note = tp.parity_size(prep.shapes)
     if not run:
         return [Check("parity", None, note)]
@@ -140,15 +142,20 @@ def main(argv=None) -> int:
     if built.pinned:
         report.note("fp32: " + ", ".join(built.pinned))
     report.note(built.cache_note)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(built.plan)
+    runtime = trt.Runtime(logger)  # kept referenced while the engine is in use
+    engine = runtime.deserialize_cuda_engine(built.plan)
     dims = prep.loaded.dims if prep.loaded else None
     report.add(tp.io_checks(trt, engine, prep.shapes, tp.declared_io(prep.model, dims)))
-    report.add(parity(trt, engine, prep, args.precision))
-    report.log("validated the plan against PyTorch on real photographs")
+    checks = parity(trt, engine, prep, args.precision)
+    report.add(checks)
+    ran = any(c.ok is not None for c in checks)
+    report.log("validated the plan against PyTorch on real photographs" if ran else
+               f"parity not run: {checks[0].detail[5:]}")
     report.table()
     json_path = os.path.splitext(args.output)[0] + ".parity.json"
     report.write_json(json_path)
     report.log(f"report written to {json_path}")
+    print(f"\nNext: python export/build_repository.py --target gpu --plan {args.output} ...")
     return 0 if report.passed else 1
 
 

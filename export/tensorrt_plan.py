@@ -374,7 +374,7 @@ def build_plan(trt, logger, builder, onnx_path: str, output: str, shapes: Profil
         data = open(timing_cache, "rb").read() if os.path.exists(timing_cache) else b""
         cache = config.create_timing_cache(data)
         cache_note = f"timing cache {timing_cache} ({len(data)} bytes loaded)"
-        if not config.set_timing_cache(cache, False):  # another TensorRT version or GPU
+        if cache is None or not config.set_timing_cache(cache, False):  # other TRT or GPU
             config.set_timing_cache(config.create_timing_cache(b""), False)
             cache_note = f"timing cache {timing_cache} did not match this GPU/TensorRT: rebuilt"
     start = time.perf_counter()
@@ -409,7 +409,8 @@ def plan_runner(trt, engine, shapes: Profile):
             raise ValueError(f"input {list(x.shape)} is outside the plan's profile {lo}..{hi}")
         outs = []
         for s in range(0, len(x), hi[0]):
-            chunk, n = x[s:s + hi[0]], len(x[s:s + hi[0]])
+            chunk = x[s:s + hi[0]]
+            n = len(chunk)
             if n < lo[0]:
                 chunk = np.concatenate([chunk, np.zeros((lo[0] - n, *chunk.shape[1:]), np.float32)])
             inp = torch.from_numpy(chunk).cuda()

@@ -64,7 +64,14 @@ def to_tensor(img: Image.Image, preprocess: spec.Preprocess) -> np.ndarray:
 
 def load_tensor(data: bytes, preprocess: spec.Preprocess,
                 max_pixels: int = spec.MAX_IMAGE_PIXELS) -> np.ndarray:
-    return to_tensor(decode(data, max_pixels), preprocess)
+    """Bytes -> float32 `[3, H, W]`; `max_pixels` bounds the decoded and the resized image
+    (short-edge resizing of a 1 x 2000 strip would otherwise ask for 288 x 576000)."""
+    img = decode(data, max_pixels)
+    h, w = preprocess.output_hw(*img.size)
+    if h * w > max_pixels:
+        raise ImageError(f"extreme aspect ratio: {img.size[0]}x{img.size[1]} resizes to "
+                         f"{w}x{h} for {preprocess.upstream_name}, over the {max_pixels}-pixel limit")
+    return to_tensor(img, preprocess)
 
 
 def encode(img: Image.Image, fmt: str, **params) -> bytes:

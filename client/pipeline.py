@@ -1,0 +1,221 @@
+"""The embedding run: enumerate -> read (threads) -> batch -> send (async, bounded) -> store.
+
+Memory stays bounded whatever the collection size: a daemon thread enumerates inputs a
+chunk at a time (de-duplicating against the ids already done), two producers read the
+files of a chunk on a thread pool and cut them into batches, and at most `concurrency`
+requests are in flight while the next batches are being read. Inputs of similar byte
+length go together (less zero padding), and a request's padded size is capped.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import numpy as np
+from PIL import Image
+
+from client import sources
+from client.idset import IdSet
+from client.transport import Item, Sender
+from sscd_triton import images, spec
+
+
+@dataclass
+class Options:
+    batch_size: int = 16
+    concurrency: int = 8
+    read_threads: int = 8
+    preprocess: spec.Preprocess = field(default_factory=lambda: spec.PREPROCESS["square320"])
+    client_side: bool = False  # decode + preprocess here, send float32 tensors
+    max_file_bytes: int = 64 << 20
+    max_request_bytes: int = 64 << 20
+    max_pixels: int = spec.MAX_IMAGE_PIXELS
+
+
+@dataclass
+class Stats:
+    inputs: int = 0  # new inputs found this run
+    skipped: int = 0  # already done by an earlier run, or named twice
+
+
+class Progress(Protocol):
+    def update(self, embedded: int, failed: int) -> None: ...
+    def set_total(self, total: int) -> None: ...
+
+
+class Sink:
+    """Where every input ends: a descriptor or a failure, recorded once."""
+
+    def __init__(self, store, progress: Progress):
+        self.store = store
+        self.progress = progress
+
+    def result(self, ids: list[str], embeddings: np.ndarray) -> None:
+        self.store.add(ids, embeddings)
+        self.store.tick()
+        self.progress.update(len(ids), 0)
+
+    def failure(self, id_: str, reason: str) -> None:
+        self.store.fail(id_, reason)
+        self.progress.update(0, 1)
+
+
+def _header_shape(data: bytes, pre: spec.Preprocess):
+    """Output (H, W) from the image header alone (no decoding); None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return pre.output_hw(*img.size)
+    except Exception:
+        return None
+
+
+def load_item(id_: str, problem: str | None, opts: Options) -> Item | str:
+    """Read (and in client mode decode) one input: an Item, or the reason it failed."""
+    if problem:
+        return problem
+    data, why = sources.read_problem(id_, opts.max_file_bytes)
+    if why:
+        return why
+    if opts.client_side:
+        try:
+            tensor = images.load_tensor(data, opts.preprocess, opts.max_pixels)
+        except images.ImageError as e:
+            return f"not a usable image: {e}"
+        except Exception as e:  # noqa: BLE001  (a decoder bug must not stop the run)
+            return f"could not decode it: {type(e).__name__}: {e}"
+        return Item(id_, tensor, tensor.nbytes)
+    return Item(id_, data, len(data), alone=not sources.looks_complete(data))
+
+
+def make_batches(items: list[Item], opts: Options) -> list[list[Item]]:
+    """Requests for `items`: same output shape together (client tensors, or short-edge
+    modes on the server), similar byte lengths together, padded size capped; files that
+    do not visibly end where their format says go alone (no padding)."""
+    groups: dict = defaultdict(list)
+    batches = [[it] for it in items if it.alone]
+    for it in items:
+        if it.alone:
+            continue
+        if opts.client_side:
+            key = it.payload.shape
+        elif not opts.preprocess.square:
+            key = _header_shape(it.payload, opts.preprocess)
+        else:
+            key = None
+        groups[key].append(it)
+    for group in groups.values():
+        group.sort(key=lambda i: i.size)
+        current: list[Item] = []
+        for it in group:  # sorted: `it` is the longest so far
+            if current and (len(current) == opts.batch_size
+                            or (len(current) + 1) * it.size > opts.max_request_bytes):
+                batches.append(current)
+                current = []
+            current.append(it)
+        if current:
+            batches.append(current)
+    return batches
+
+
+def _enumerate(inputs: Iterable, seen: IdSet, chunk: int, loop, out: asyncio.Queue) -> None:
+    """Daemon thread: push `(fresh inputs, skipped count)` chunks, then None."""
+    def put(value) -> None:
+        asyncio.run_coroutine_threadsafe(out.put(value), loop).result()
+
+    try:
+        it = iter(inputs)
+        while True:
+            raw = list(itertools.islice(it, chunk))
+            if not raw:
+                break
+            fresh = seen.add_new([i for i, _ in raw])
+            put(([r for r, f in zip(raw, fresh) if f], len(raw) - sum(fresh)))
+        put(None)
+    except RuntimeError:  # the loop is gone (the run was stopped)
+        return
+    except BaseException as e:  # noqa: BLE001  (handed to the run, which re-raises it)
+        try:
+            put(e)
+        except RuntimeError:
+            return
+
+
+async def run(inputs: Iterable, seen: IdSet, sink: Sink, sender: Sender, opts: Options,
+              progress: Progress) -> Stats:
+    """Embed every input of `inputs` not in `seen`; raises what the sender raises
+    (GiveUp, Fatal) after cancelling the rest."""
+    loop = asyncio.get_running_loop()
+    stats = Stats()
+    chunks: asyncio.Queue = asyncio.Queue(maxsize=2)
+    ready: asyncio.Queue = asyncio.Queue(maxsize=max(2, opts.concurrency))
+    chunk = max(64, 4 * opts.batch_size)
+    threading.Thread(target=_enumerate, args=(inputs, seen, chunk, loop, chunks),
+                     name="enumerate", daemon=True).start()
+    pool = ThreadPoolExecutor(opts.read_threads, thread_name_prefix="read")
+    producers = 2
+
+    async def produce() -> None:
+        while True:
+            got = await chunks.get()
+            if got is None or isinstance(got, BaseException):
+                await chunks.put(got)  # for the other producer
+                if isinstance(got, BaseException):
+                    raise got
+                progress.set_total(stats.inputs)  # every chunk has been taken: total known
+                return
+            kept, skipped = got
+            stats.inputs += len(kept)
+            stats.skipped += skipped
+            loaded = await asyncio.gather(*(loop.run_in_executor(pool, load_item, i, p, opts)
+                                            for i, p in kept))
+            items = []
+            for (id_, _), x in zip(kept, loaded):
+                if isinstance(x, str):
+                    sink.failure(id_, x)
+                else:
+                    items.append(x)
+            for batch in make_batches(items, opts):
+                await ready.put(batch)
+
+    async def dispatch(tg: asyncio.TaskGroup) -> None:
+        slots = asyncio.Semaphore(opts.concurrency)
+        finished = 0
+        while finished < producers:
+            batch = await ready.get()
+            if batch is None:
+                finished += 1
+                continue
+            await slots.acquire()
+            task = tg.create_task(sender.send(batch))
+            task.add_done_callback(lambda _: slots.release())
+
+    async def producer() -> None:
+        await produce()
+        await ready.put(None)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(producers):
+                tg.create_task(producer())
+            tg.create_task(dispatch(tg))
+    except BaseExceptionGroup as group:
+        raise _first(group) from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return stats
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first real exception of a task group's failure (GiveUp, Fatal, a bug)."""
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first(e)
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return group.exceptions[0]

@@ -1,0 +1,287 @@
+"""client/ without a server: input enumeration, id de-duplication, shard storage and
+resume, request splitting and retries (against fake endpoints), postprocessing."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from client import io as outio
+from client import pipeline, postprocess, sources, transport
+from client.idset import IdSet
+from sscd_triton import images, samples
+
+# --- sources ----------------------------------------------------------------------------
+
+
+def _png(width: int, height: int) -> bytes:
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    from PIL import Image
+
+    jpeg = images.encode(Image.new("RGB", (32, 24), (200, 10, 10)), "JPEG")
+    (tmp_path / "a.JPG").write_bytes(jpeg)
+    (tmp_path / "noext").write_bytes(jpeg)  # found by its signature
+    (tmp_path / "notes.txt").write_text("hello")  # neither extension nor signature
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "sub" / "deeper" / "b.png").write_bytes(_png(4, 4))
+    (tmp_path / "dir.jpg").mkdir()  # a directory named like an image: an input (fails)
+    (tmp_path / "dir.jpg" / "inside.webp").write_bytes(b"RIFF\x04\x00\x00\x00WEBP")
+    os.symlink(tmp_path / "missing.jpg", tmp_path / "broken.jpg")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "skip.jpg").write_bytes(jpeg)  # inside the output: excluded
+    return tmp_path
+
+
+def test_walk_by_extension_signature_and_loops(tree):
+    os.symlink(tree / "sub", tree / "sub" / "deeper" / "loop")  # a cycle: walked once
+    found = [(os.path.relpath(i, tree), p) for i, p in
+             sources.iter_inputs([str(tree)], exclude=[str(tree / "out")])]
+    names = sorted(n for n, _ in found)
+    assert names == sorted(["a.JPG", "noext", "broken.jpg", "dir.jpg", "dir.jpg/inside.webp",
+                            "sub/deeper/b.png"]), names
+    assert all(p is None for _, p in found)
+
+
+def test_globs_lists_stdin(tree, tmp_path):
+    lst = tmp_path / "list.lst"
+    lst.write_text(f"{tree}/a.JPG\n\n{tree}/gone.jpg\r\n")
+    ids = list(sources.iter_inputs(
+        [f"{tree}/**/*.png", f"{tree}/*.zzz", f"@{lst}", str(lst), "-"],
+        stdin=io.StringIO(f"{tree}/noext\n")))
+    assert ids == [(f"{tree}/sub/deeper/b.png", None),
+                   (f"{tree}/*.zzz", "the pattern matched no files"),
+                   (f"{tree}/a.JPG", None), (f"{tree}/gone.jpg", None),
+                   (f"{tree}/a.JPG", None), (f"{tree}/gone.jpg", None),
+                   (f"{tree}/noext", None)]
+    assert sources.check_args(["-", "-", "@/nope.txt"]) == [
+        "'-' (standard input) given more than once", "list file '/nope.txt' does not exist"]
+
+
+def test_read_problems_are_sentences(tree):
+    def why(name, limit=1 << 20):
+        return sources.read_problem(str(tree / name), limit)[1]
+
+    assert why("a.JPG") is None
+    assert "broken symbolic link" in why("broken.jpg")
+    assert why("dir.jpg") == "it is a directory, not an image file"
+    assert "no such file" in why("gone.jpg")
+    assert "too large" in why("a.JPG", limit=10)
+    (tree / "empty.jpg").write_bytes(b"")
+    assert why("empty.jpg") == "the file is empty (0 bytes)"
+    os.mkfifo(tree / "fifo.jpg")
+    assert "not a regular file" in why("fifo.jpg")
+
+
+def test_looks_complete():
+    photo = open(samples.photograph_paths()[3], "rb").read()  # rocket.jpg
+    assert sources.looks_complete(photo)
+    assert sources.looks_complete(photo + b"\0" * 100)
+    assert not sources.looks_complete(photo[: len(photo) // 3])
+    assert sources.looks_complete(_png(3, 3)) and not sources.looks_complete(_png(3, 3)[:-5])
+    assert not sources.looks_complete(b"<html>not an image</html>")
+
+
+# --- idset ------------------------------------------------------------------------------
+
+def test_idset_dedupes_across_flushes():
+    s = IdSet(buffer=4)
+    assert s.add_new(["a", "b", "a", "./b", "c"]) == [True, True, False, False, True]
+    assert s.add_new([f"x{i}" for i in range(20)]) == [True] * 20
+    assert s.add_new(["x3", "dir//x3", "a", "new"]) == [False, True, False, True]
+    assert "x19" in s and "b" in s and "zz" not in s and len(s) == 25
+
+
+# --- io: shards, resume, npz ------------------------------------------------------------
+
+META = {"model": "m", "dims": 4, "preprocess": "square320", "preprocess_on": "server",
+        "urls": ["u:1"]}
+
+
+def _emb(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+
+
+def test_shard_store_resume_ignores_partial_writes(tmp_path):
+    d = str(tmp_path / "out")
+    s = outio.ShardStore(d, META, shard_size=3).open()
+    s.add(["a", "b"], _emb(2))
+    s.add(["c", "d"], _emb(2, 1))  # 4 >= 3: shard 0 committed
+    s.fail("bad", "the file is empty (0 bytes)")
+    s.add(["e"], _emb(1, 2))  # pending only: lost by the "crash" below
+    # simulate kill -9: a torn failure line, an orphan shard, a tmp file
+    with open(os.path.join(d, "failures.jsonl"), "ab") as f:
+        f.write(b'{"id": "tor')
+    np.save(os.path.join(d, "ids-00001.npy"), np.array(["zzz"]))
+    open(os.path.join(d, "embeddings-00002.npy.tmp"), "wb").close()
+    s2 = outio.ShardStore(d, {**META, "urls": ["u:2"]}, shard_size=3).open()
+    done = [i for chunk in s2.done_ids() for i in chunk]
+    assert sorted(done) == ["a", "b", "bad", "c", "d"]
+    assert not any(".tmp" in n for n in os.listdir(d))
+    s2.fail("bad2", "reason two")
+    s2.add(["e"], _emb(1, 2))
+    s2.close(complete=True)
+    ids, emb = outio.load_embeddings(d)
+    assert list(ids) == ["a", "b", "c", "d", "e"] and emb.shape == (5, 4)
+    assert [f["id"] for f in outio.load_failures(d)] == ["bad", "bad2"]
+    manifest = outio.read_manifest(d)
+    assert manifest["complete"] and manifest["count"] == 5 and manifest["failures"] == 2
+    assert manifest["urls"] == ["u:1", "u:2"]
+    with pytest.raises(outio.OutputError, match="dims"):
+        outio.ShardStore(d, {**META, "dims": 8}).open()
+
+
+def test_npz_output_assembles_and_reopens(tmp_path):
+    path = str(tmp_path / "e.npz")
+    out = outio.NpzOutput(path, META, shard_size=2)
+    store = out.open()
+    store.add(["a", "b", "c"], _emb(3))
+    store.fail("x", "it is a directory, not an image file")
+    with pytest.raises(outio.OutputError, match="not finished"):
+        outio.load_embeddings(path)
+    out.finalize()
+    assert not os.path.exists(outio.work_dir(path))
+    ids, emb = outio.load_embeddings(path)
+    assert list(ids) == ["a", "b", "c"] and np.allclose(emb, _emb(3))
+    assert outio.load_failures(path) == [{"id": "x", "reason": "it is a directory, not an image file"}]
+    # given again: the finished file is the starting point; new results are added
+    out2 = outio.NpzOutput(path, META)
+    store2 = out2.open()
+    assert sorted(i for c in store2.done_ids() for i in c) == ["a", "b", "c", "x"]
+    store2.add(["d"], _emb(1, 5))
+    out2.finalize()
+    assert list(outio.load_embeddings(path)[0]) == ["a", "b", "c", "d"]
+
+
+# --- transport: splitting, retries, give-up (fake servers) -------------------------------
+
+class FakeResult:
+    def __init__(self, arr):
+        self.arr = arr
+
+    def as_numpy(self, name):
+        return self.arr
+
+
+class FakeClient:
+    """Rows starting with 0xEE are bad images; `down` makes every call UNAVAILABLE."""
+
+    def __init__(self, url, hint=True, down=False, flaky=0):
+        self.url, self.hint, self.down, self.flaky = url, hint, down, flaky
+        self.calls = []
+
+    async def infer(self, model, inputs, outputs=None, client_timeout=None):
+        await asyncio.sleep(0)
+        inp = inputs[0]
+        rows = np.frombuffer(inp._get_content(), np.uint8).reshape(inp.shape())
+        self.calls.append(len(rows))
+        if self.down or self.flaky > 0:
+            self.flaky -= 1
+            raise InferenceServerException("failed to connect to all addresses",
+                                           status="StatusCode.UNAVAILABLE")
+        for i, row in enumerate(rows):
+            if row[0] == 0xEE:
+                where = f"item {i} of the request: " if self.hint and len(rows) > 1 else ""
+                raise InferenceServerException(
+                    f"in ensemble 'sscd', bad image: {where}not an image: junk",
+                    status="StatusCode.INVALID_ARGUMENT")
+        return FakeResult(np.stack([np.full(4, row[0], np.float32) for row in rows]))
+
+    async def close(self):
+        pass
+
+
+def _run_sender(clients, items, give_up=5.0, backoff=(0.01, 0.05)):
+    results, failures = {}, {}
+
+    async def go():
+        eps = transport.Endpoints([c.url for c in clients], give_up, backoff,
+                                  client_factory=lambda u: next(c for c in clients if c.url == u))
+        sender = transport.Sender(eps, "sscd", "image", 4,
+                                  lambda ids, e: results.update(zip(ids, e[:, 0])),
+                                  lambda i, r: failures.update({i: r}))
+        await sender.send(items)
+        return sender
+
+    sender = asyncio.run(go())
+    return results, failures, sender
+
+
+def _items(values):
+    return [transport.Item(f"id{k}", bytes([v]) * (k + 1), k + 1) for k, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("hint", [True, False])
+def test_rejected_batch_is_split_until_bad_inputs_stand_alone(hint):
+    values = [1, 2, 0xEE, 4, 5, 6, 0xEE, 8]
+    client = FakeClient("a:1", hint=hint)
+    results, failures, sender = _run_sender([client], _items(values))
+    assert sorted(failures) == ["id2", "id6"]
+    assert all(r.startswith("the server rejected it as a bad image: not an image")
+               for r in failures.values())
+    assert results == {f"id{k}": v for k, v in enumerate(values) if v != 0xEE}
+    assert sender.splits >= 2 and client.calls[0] == 8
+
+
+def test_transport_errors_retry_and_dead_endpoints_leave_rotation():
+    dead, flaky = FakeClient("dead:1", down=True), FakeClient("ok:1", flaky=2)
+    results, failures, _ = _run_sender([dead, flaky], _items([1, 2, 3]))
+    assert results == {"id0": 1, "id1": 2, "id2": 3} and not failures
+
+
+def test_gives_up_when_no_server_answers():
+    with pytest.raises(transport.GiveUp, match="no server answered for 0.3s"):
+        _run_sender([FakeClient("a:1", down=True)], _items([1]), give_up=0.3)
+
+
+def test_batches_group_shapes_and_cap_padding():
+    opts = pipeline.Options(batch_size=3, max_request_bytes=100)
+    items = [transport.Item(f"i{k}", b"x" * s, s) for k, s in enumerate([10, 60, 20, 5, 30])]
+    items.append(transport.Item("odd", b"?", 1, alone=True))
+    batches = [[i.id for i in b] for b in pipeline.make_batches(items, opts)]
+    assert batches == [["odd"], ["i3", "i0", "i2"], ["i4"], ["i1"]]
+
+
+# --- postprocess ------------------------------------------------------------------------
+
+def test_centering_and_pca_whitening():
+    rng = np.random.default_rng(0)
+    train = postprocess.l2_normalize(rng.standard_normal((500, 16)) * np.linspace(0.1, 3, 16) + 2)
+    c = postprocess.Centering.fit(train)
+    assert np.allclose(np.linalg.norm(c(train), axis=1), 1, atol=1e-5)
+    assert abs(float(c(train).mean(axis=0) @ c.mean)) < np.linalg.norm(c.mean)
+    w = postprocess.PCAWhitening.fit(train, 8)
+    z = (train - w.mean) @ w.projection
+    assert np.allclose(np.cov(z.T, bias=True), np.eye(8), atol=1e-3)  # whitened
+    assert w(train).shape == (500, 8)
+    assert np.allclose(np.linalg.norm(w(train), axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError):
+        postprocess.PCAWhitening.fit(train, 17)
+
+
+def test_score_normalization_matches_definition():
+    rng = np.random.default_rng(1)
+    q, r, b = (postprocess.l2_normalize(rng.standard_normal((n, 8))) for n in (5, 7, 20))
+    norm = postprocess.ScoreNorm.parse("1.0[0,2]")
+    assert norm == postprocess.ScoreNorm(1.0, 0, 2)
+    assert postprocess.ScoreNorm.parse("0.5[3]") == postprocess.ScoreNorm(0.5, 3, 3)
+    q2, r2 = postprocess.score_normalization(q, r, b, norm)
+    top3 = -np.sort(-(q @ b.T), axis=1)[:, :3].mean(axis=1)
+    assert np.allclose(q2 @ r2.T, q @ r.T - top3[:, None], atol=1e-5)
+    assert np.allclose(r2[:, -1], 1)
+    # per-query ranking unchanged
+    assert (np.argsort(q2 @ r2.T, axis=1) == np.argsort(q @ r.T, axis=1)).all()

@@ -1,0 +1,267 @@
+"""The model repository: generated configs, and the real tritonserver serving the cpu target."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import os
+import re
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export import build_repository, checkpoints, repository, serve_check
+from sscd_triton import images, parity, samples, spec
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+LAYOUTS = [repository.Layout(target=t, preprocess=p, plan=plan, precision="fp16")
+           for t in repository.TARGETS for p in spec.PREPROCESS for plan in (False, True)
+           if not (plan and t == "cpu")]
+
+
+# --- configs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l.target}-{l.preprocess}-plan{l.plan}")
+def test_generated_configs_parse_and_agree(layout):
+    cfgs = {c.name: repository.parse_pbtxt(repository.to_pbtxt(c)) for c in repository.configs(layout)}
+    ens, pre, desc = cfgs[spec.ENSEMBLE_NAME], cfgs[spec.PREPROCESS_MODEL], cfgs[spec.DESCRIPTOR_MODEL]
+    assert ens.max_batch_size <= min(pre.max_batch_size, desc.max_batch_size)
+    assert [(i.name, list(i.dims)) for i in ens.input] == [(spec.ENSEMBLE_INPUT, [-1])]
+    assert [(o.name, list(o.dims)) for o in ens.output] == [(spec.OUTPUT_NAME, [layout.dims])]
+    assert pre.input[0].allow_ragged_batch
+    assert list(pre.output[0].dims) == list(desc.input[0].dims)
+    for c in (pre, desc):
+        assert c.dynamic_batching.max_queue_delay_microseconds > 0
+        assert c.dynamic_batching.default_queue_policy.max_queue_size > 0
+        assert c.model_warmup and c.instance_group
+    want = {("gpu", False): "onnxruntime", ("gpu", True): "tensorrt", ("cpu", False): "python"}
+    assert desc.backend == want[(layout.target, layout.plan)]
+    assert pre.backend == ("dali" if layout.target == "gpu" else "python")
+    if layout.target == "gpu":
+        assert ens.ensemble_scheduling.max_inflight_requests > 0
+    if desc.backend == "onnxruntime":
+        trt = desc.optimization.execution_accelerators.gpu_execution_accelerator[0]
+        assert trt.name == "tensorrt" and trt.parameters["trt_engine_cache_enable"] == "1"
+
+
+def test_committed_repository_is_the_generated_gpu_one(tmp_path):
+    assert build_repository.main(["--target", "gpu", "--configs-only", "--output", str(tmp_path)]) == 0
+    for model in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL):
+        with open(os.path.join(ROOT, "model_repository", model, "config.pbtxt")) as f:
+            committed = f.read()
+        assert committed == (tmp_path / model / "config.pbtxt").read_text(), \
+            "model_repository/ is stale: run python export/build_repository.py --target gpu " \
+            "--configs-only --output model_repository"
+
+
+def test_gpu_repository_builds_here_except_the_plan(ckpts, tmp_path):
+    out = tmp_path / "gpu"
+    assert build_repository.main(["--checkpoint", ckpts[0]["torchvision"], "--target", "gpu",
+                                  "--output", str(out), "--max-batch", "8"]) == 0
+    assert (out / spec.PREPROCESS_MODEL / "1" / "model.dali").stat().st_size > 0
+    assert (out / spec.DESCRIPTOR_MODEL / "1" / "model.onnx").stat().st_size > 0
+    cfg = repository.parse_pbtxt((out / spec.DESCRIPTOR_MODEL / "config.pbtxt").read_text())
+    assert list(cfg.input[0].dims) == [3, 320, 320] and cfg.backend == "onnxruntime"
+
+
+def test_bad_build_arguments_exit_2(tmp_path, capsys):
+    assert build_repository.main(["--target", "cpu", "--plan", "x.plan", "--output", str(tmp_path)]) == 2
+    assert build_repository.main(["--target", "gpu", "--plan", str(tmp_path / "none.plan"),
+                                  "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 2
+
+
+# --- the real server -------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def served(ckpts, tmp_path_factory):
+    import tritonclient.grpc as grpcclient
+
+    from sscd_triton.server import TritonServer
+
+    out = tmp_path_factory.mktemp("repo") / "cpu"
+    path = ckpts[0]["torchvision"]
+    assert build_repository.main(["--checkpoint", path, "--target", "cpu", "--output", str(out),
+                                  "--max-batch", "8", "--max-pixels", "40000000"]) == 0
+    with TritonServer(str(out)) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        yield server, client, checkpoints.load(path).model
+        client.close()
+
+
+def _request(client, rows: list[bytes], model=spec.ENSEMBLE_NAME):
+    import tritonclient.grpc as grpcclient
+
+    width = max(len(r) for r in rows)
+    arr = np.zeros((len(rows), width), np.uint8)
+    for i, r in enumerate(rows):
+        arr[i, : len(r)] = np.frombuffer(r, np.uint8)
+    inp = grpcclient.InferInput(spec.ENSEMBLE_INPUT, list(arr.shape), "UINT8")
+    inp.set_data_from_numpy(arr)
+    return client.infer(model, [inp]).as_numpy(spec.OUTPUT_NAME)
+
+
+def _error(client, data: bytes) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as e:
+        _request(client, [data])
+    assert "StatusCode.INVALID_ARGUMENT" in str(e.value.status())
+    return e.value.message()
+
+
+def test_ensemble_parity_in_every_format(served):
+    _, client, model = served
+    checks = serve_check.format_checks(client, model, spec.PREPROCESS["square320"], count=8)
+    for c in checks:
+        print(c.name, c.detail)
+    assert all(c.ok for c in checks), [c.detail for c in checks if not c.ok]
+    assert {c.name.split()[1] for c in checks} == set(serve_check.FORMATS)
+
+
+def test_model_only_parity(served):
+    import tritonclient.grpc as grpcclient
+
+    from export.validate import torch_runner
+
+    _, client, model = served
+    x = np.stack([images.to_tensor(img, spec.PREPROCESS["square320"])
+                  for _, img in samples.photographs()[:4]])
+    inp = grpcclient.InferInput(spec.INPUT_NAME, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    out = client.infer(spec.DESCRIPTOR_MODEL, [inp]).as_numpy(spec.OUTPUT_NAME)
+    assert np.abs(out - torch_runner(model)(x)).max() <= spec.FP32_MAX_ABS
+
+
+def test_dynamic_batching_forms_batches(served):
+    _, client, _ = served
+    jpeg = images.encode(samples.photographs()[1][1], "JPEG")
+
+    def stats():
+        s = client.get_inference_statistics(spec.DESCRIPTOR_MODEL, as_json=True)["model_stats"][0]
+        return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+    before = stats()
+    with cf.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: _request(client, [jpeg]), range(32)))
+    after = stats()
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 32
+    assert executions < inferences, f"{executions} executions for {inferences} images: no batching"
+
+
+# --- bad and unusual inputs ------------------------------------------------------------
+def _png_claiming(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+        + chunk(b"IEND", b"")
+
+
+def _photo(i=0, size=None):
+    img = samples.photographs()[i][1]
+    return img.resize(size) if size else img
+
+
+HOSTILE = {
+    "empty": (lambda: b"", "empty"),
+    "random bytes": (lambda: np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes(),
+                     "not an image"),
+    "html": (lambda: b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "not an image"),
+    "truncated jpeg": (lambda: images.encode(_photo(), "JPEG")[:3000], "truncated"),
+    "header-only png": (lambda: images.encode(_photo(), "PNG")[:33], "not an image|truncated"),
+    "header-only jpeg": (lambda: images.encode(_photo(), "JPEG")[:620], "truncated"),
+    "bomb 60000x60000": (lambda: _png_claiming(60000, 60000), "too large"),
+    "over the limit 7000x7000": (lambda: _png_claiming(7000, 7000), "too large"),
+    "strip 3x20000": (lambda: images.encode(Image.new("RGB", (3, 20000)), "PNG"), None),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_inputs_fail_alone_with_a_reason(served, name):
+    _, client, _ = served
+    make, reason = HOSTILE[name]
+    if reason is None:  # square320 takes any aspect ratio
+        assert _request(client, [make()]).shape == (1, 512)
+        return
+    message = _error(client, make())
+    assert "bad image" in message and re.search(reason, message, re.I), message
+
+
+def _variants():
+    base = _photo(2)
+    out = {}
+    out["1x1"] = images.encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG")
+    out["grayscale jpeg"] = images.encode(base.convert("L"), "JPEG")
+    out["cmyk jpeg"] = images.encode(base.convert("CMYK"), "JPEG")
+    arr16 = (np.asarray(base.convert("L"), np.uint16) * 257)
+    out["16-bit png"] = images.encode(Image.fromarray(arr16), "PNG")
+    out["palette png"] = images.encode(base.convert("P"), "PNG")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    out["alpha png"] = images.encode(rgba, "PNG")
+    out["progressive jpeg"] = images.encode(base, "JPEG", progressive=True)
+    out["bmp"], out["tiff"], out["webp"] = (images.encode(base, f) for f in ("BMP", "TIFF", "WEBP"))
+    out["wide 4000x3"] = images.encode(base.resize((4000, 3)), "PNG")
+    out["tall 3x4000"] = images.encode(base.resize((3, 4000)), "PNG")
+    return out
+
+
+def test_unusual_images_embed_as_upstream_does(served):
+    _, client, model = served
+    variants = _variants()
+    got = np.concatenate([_request(client, [b]) for b in variants.values()])
+    ref = serve_check.reference_descriptors(model, list(variants.values()), spec.PREPROCESS["square320"])
+    diff = np.abs(got - ref).max(axis=1)
+    assert diff.max() <= 1e-4, dict(zip(variants, diff))
+
+
+def test_animated_gif_gives_its_first_frame(served):
+    _, client, _ = served
+    frames = [_photo(0, (200, 150)), _photo(3, (200, 150))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    first = images.encode(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), "PNG")
+    a, b = _request(client, [buf.getvalue()]), _request(client, [first])
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_exif_orientation_is_ignored_as_upstream(served):
+    _, client, _ = served
+    base = _photo(4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    plain = images.encode(base, "JPEG", quality=95)
+    rotated = images.encode(base, "JPEG", quality=95, exif=exif.tobytes())
+    assert np.abs(_request(client, [plain]) - _request(client, [rotated])).max() <= 1e-6
+
+
+def test_good_requests_survive_bad_batch_mates_and_server_stays_ready(served):
+    server, client, model = served
+    good = [images.encode(_photo(i), "JPEG") for i in range(6)]
+    bad = [make() for make, reason in HOSTILE.values() if reason]
+    jobs = [("good", g) for g in good] * 2 + [("bad", b) for b in bad] * 2
+    rng = np.random.default_rng(1)
+    rng.shuffle(jobs)
+
+    def run(job):
+        try:
+            return job[0], _request(client, [job[1]])
+        except Exception as e:
+            return job[0], e
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(run, jobs))
+    for kind, result in results:
+        assert isinstance(result, np.ndarray) == (kind == "good"), (kind, result)
+    assert client.is_server_ready() and client.is_model_ready(spec.ENSEMBLE_NAME)
+    # A request carrying a bad row fails as a whole; the client isolates the row (issue 4).
+    from tritonclient.utils import InferenceServerException
+    with pytest.raises(InferenceServerException, match="item 1 of the request"):
+        _request(client, [good[0], b"not an image at all"])
+    ref = serve_check.reference_descriptors(model, good, spec.PREPROCESS["square320"])
+    for (kind, result), job in zip(results, jobs):
+        if kind == "good":
+            assert np.abs(result[0] - ref[good.index(job[1])]).max() <= 1e-4
