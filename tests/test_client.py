@@ -1,0 +1,334 @@
+"""client/embed.py against the real local tritonserver (cpu repository, demo weights).
+
+One repository is built per session (max batch 8, to stay light) and served by one
+server; the last test stops and restarts it. Every run goes through
+`python client/embed.py` as a user would run it, as a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from client.io import load_embeddings, load_failures, read_manifest
+from sscd_triton import samples
+from sscd_triton.server import TritonServer, free_ports
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBED = str(ROOT / "client" / "embed.py")
+TOL = 1e-5
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory):
+    work = tmp_path_factory.mktemp("client_server")
+    build = subprocess.run(
+        [sys.executable, str(ROOT / "export" / "build_repository.py"), "--target", "cpu",
+         "--output", str(work / "repo"), "--max-batch", "8"],
+        cwd=work, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    holder = SimpleNamespace(work=work, repo=work / "repo",
+                             checkpoint=work / "runs" / "demo-untrained.torchvision.pt")
+    holder.server = TritonServer(holder.repo, log_path=work / "server.log").start()
+    yield holder
+    holder.server.stop()
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for path in samples.photograph_paths():
+        shutil.copy(path, folder)
+    return folder
+
+
+def embed(*args, url=None, stdin=None, timeout=240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, EMBED, *map(str, args)]
+    if url:
+        cmd += ["--url", url]
+    return subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_embed(*args, url) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, EMBED, *map(str, args), "--url", url], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def shards_in(folder: Path) -> int:
+    try:
+        return len(read_manifest(str(folder))["shards"])
+    except Exception:  # not written yet, or being replaced
+        return 0
+
+
+def wait_for_shards(folder: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while shards_in(folder) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {n} shards in {folder} after {timeout}s"
+        time.sleep(0.05)
+
+
+def assert_same(path, reference: dict, tol: float = TOL) -> None:
+    """Every id once, the same ids as the reference, the same descriptors."""
+    ids, emb = load_embeddings(str(path))
+    assert len(ids) == len(set(ids.tolist())), "duplicated ids"
+    assert sorted(ids.tolist()) == sorted(reference)
+    worst = max(float(np.abs(e - reference[i]).max()) for i, e in zip(ids.tolist(), emb))
+    assert worst <= tol, f"descriptors differ by {worst}"
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def reference(triton, photos, tmp_path_factory):
+    """The 16 photographs embedded by a plain uninterrupted run: {id: descriptor}."""
+    out = tmp_path_factory.mktemp("ref") / "photos.npz"
+    r = embed(photos, "--output", out, "--quiet", url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stderr
+    assert "summary: embedded 16, failed 0" in r.stdout
+    ids, emb = load_embeddings(str(out))
+    return dict(zip(ids.tolist(), emb))
+
+
+def _bad_png_bomb() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_mixed_folder_every_input_accounted_once(triton, photos, reference, tmp_path):
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    good = []
+    for name in sorted(os.listdir(photos))[:5]:
+        shutil.copy(photos / name, folder / name)
+        good.append(str(folder / name))
+    shutil.copy(photos / "china.jpg", folder / "sub" / "no_extension")  # found by signature
+    good.append(str(folder / "sub" / "no_extension"))
+    rocket = (photos / "rocket.jpg").read_bytes()
+    hostile = {
+        "empty.jpg": b"",
+        "random.png": np.random.default_rng(0).bytes(5000),
+        "page.jpg": b"<!doctype html><html><body>404 not found</body></html>",
+        "truncated.jpg": rocket[: len(rocket) // 3],
+        "fake.jpg": b"\xff\xd8\xff" + np.random.default_rng(1).bytes(700) + b"\xff\xd9",
+        "bomb.png": _bad_png_bomb(),
+        "sub/locked.jpg": b"secret text, not an image",
+    }
+    for name, data in hostile.items():
+        (folder / name).write_bytes(data)
+    os.chmod(folder / "sub" / "locked.jpg", 0)
+    (folder / "x.jpg").mkdir()  # a directory named like an image
+    os.symlink(folder / "nowhere.jpg", folder / "broken.jpg")
+    (folder / "README.txt").write_text("not an input")
+    missing = str(tmp_path / "vanished.jpg")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{missing}\n{good[0]}\n{folder}/x.jpg\n")  # the last two: duplicates
+    bad = {str(folder / n) for n in hostile} | {str(folder / "x.jpg"), str(folder / "broken.jpg"),
+                                                missing}
+    out = tmp_path / "mixed.npz"
+    args = (folder, f"@{lst}", "--output", out, "--batch-size", "8", "--quiet")
+
+    r = embed(*args, url=triton.server.grpc_url)
+    assert r.returncode == 1, r.stderr  # completed, with failures
+    ids = load_embeddings(str(out))[0].tolist()
+    failures = load_failures(str(out))
+    failed = [f["id"] for f in failures]
+    assert len(ids) == len(set(ids)) and len(failed) == len(set(failed))
+    assert set(ids) == set(good) and set(failed) == bad  # each exactly once, in one place
+    assert_same(out, {i: reference[str(photos / os.path.basename(i))] for i in good
+                      if os.path.basename(i) in os.listdir(photos)} | {
+        good[-1]: reference[str(photos / "china.jpg")]}, tol=TOL)
+    reasons = {os.path.relpath(f["id"], folder): f["reason"] for f in failures}
+    assert all(len(reason.split()) >= 4 for reason in reasons.values()), reasons
+    assert reasons["empty.jpg"] == "the file is empty (0 bytes)"
+    assert reasons["x.jpg"] == "it is a directory, not an image file"
+    assert reasons["broken.jpg"].startswith("broken symbolic link")
+    assert reasons[os.path.relpath(missing, folder)].startswith("no such file")
+    for name in ("random.png", "page.jpg", "fake.jpg"):
+        assert reasons[name].startswith("the server rejected it as a bad image: not an image")
+    assert "truncated" in reasons["truncated.jpg"]
+    assert "too large" in reasons["bomb.png"]
+    if os.geteuid() != 0:  # root reads chmod 000 files: then the server rejects the text
+        assert "permission denied" in reasons["sub/locked.jpg"]
+    assert "summary: embedded 6, failed 10" in r.stdout
+    assert (tmp_path / "mixed.failures.jsonl").exists()
+    assert not (tmp_path / "mixed.npz.partial").exists()
+
+    again = embed(*args, url=triton.server.grpc_url)  # nothing new: same result, same status
+    assert again.returncode == 1, again.stderr
+    assert "summary: embedded 0, failed 0, already done 18" in again.stdout
+    assert sorted(load_embeddings(str(out))[0].tolist()) == sorted(ids)
+    assert sorted(f["id"] for f in load_failures(str(out))) == sorted(failed)
+
+
+def test_sharded_output_from_stdin(triton, photos, reference, tmp_path):
+    out = tmp_path / "sharded"
+    paths = "".join(f"{photos / n}\n" for n in sorted(os.listdir(photos)))
+    r = embed("-", "--output", out, "--shard-size", "5", "--batch-size", "4", "--quiet",
+              url=triton.server.grpc_url, stdin=paths)
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(str(out))
+    assert manifest["complete"] and manifest["count"] == 16 and manifest["failures"] == 0
+    assert manifest["dims"] == 512 and manifest["model"] == "sscd"
+    assert manifest["preprocess"] == "square320" and manifest["urls"] == [triton.server.grpc_url]
+    assert len(manifest["shards"]) >= 2
+    assert (out / "failures.jsonl").read_text() == ""
+    assert_same(out, reference)
+
+
+def test_kill_9_then_resume(triton, photos, reference, tmp_path):
+    out = tmp_path / "killed.npz"
+    args = (photos, "--output", out, "--batch-size", "2", "--shard-size", "2",
+            "--concurrency", "1", "--quiet")
+    proc = start_embed(*args, url=triton.server.grpc_url)
+    wait_for_shards(tmp_path / "killed.npz.partial", 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and shards_in(tmp_path / "killed.npz.partial") < 8
+
+    r = embed(*args, url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and "already done 0" not in r.stdout
+    assert_same(out, reference)
+    assert load_failures(str(out)) == []
+
+
+def test_no_server_exits_3_within_give_up_time(photos, tmp_path):
+    port = free_ports(1)[0]
+    start = time.monotonic()
+    r = embed(photos, "--output", tmp_path / "none", "--give-up-after", "3", "--quiet",
+              url=f"127.0.0.1:{port}")
+    assert r.returncode == 3, r.stderr
+    assert time.monotonic() - start < 30
+    assert f"no server answered for 3s: 127.0.0.1:{port}" in r.stderr
+    assert "rerun" in r.stderr
+
+
+def test_dead_endpoint_taken_out_of_rotation(triton, photos, reference, tmp_path):
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+    out = tmp_path / "two.npz"
+    r = embed(photos, "--output", out, "--batch-size", "2", "--concurrency", "4", "--url", dead,
+              "--quiet", url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stderr
+    assert f"{dead} out of rotation" in r.stderr
+    assert_same(out, reference)
+
+
+def test_client_side_preprocessing(triton, photos, reference, tmp_path):
+    out = tmp_path / "client"
+    r = embed(photos, "--output", out, "--preprocess", "client", "--quiet",
+              url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(str(out))
+    assert manifest["model"] == "sscd_descriptor" and manifest["preprocess_on"] == "client"
+    assert_same(out, reference)
+    # descriptors of another pipeline never go into the same output
+    mixed = embed(photos, "--output", out, "--quiet", url=triton.server.grpc_url)
+    assert mixed.returncode == 2 and "use another --output" in mixed.stderr
+
+
+def test_system_shared_memory(triton, photos, reference, tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    out = tmp_path / "shm.npz"
+    r = embed(photos, "--output", out, "--shared-memory", "system", "--batch-size", "4",
+              "--quiet", url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stderr
+    assert_same(out, reference)
+    some = [str(photos / n) for n in sorted(os.listdir(photos))[:4]]
+    out2 = tmp_path / "shm-client.npz"
+    r = embed(*some, "--output", out2, "--shared-memory", "system", "--preprocess", "client",
+              "--quiet", url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stderr
+    assert_same(out2, {i: reference[i] for i in some})
+    leaked = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("sscd_embed_")]
+    assert not leaked
+
+
+def test_parity_table_and_bound(triton, photos, reference, tmp_path):
+    out = tmp_path / "parity"
+    some = [str(photos / n) for n in sorted(os.listdir(photos))[:6]]
+    r = embed(*some, "--output", out, "--check-parity", "6", "--checkpoint", triton.checkpoint,
+              "--quiet", url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "centered cosine (min)" in r.stdout and "top-1 agreement" in r.stdout
+    assert "all checks passed" in r.stdout and "FAIL" not in r.stdout
+
+    from export.demo import write_demo_checkpoint
+
+    other = write_demo_checkpoint(str(tmp_path / "other.torchvision.pt"), seed=1)
+    r = embed(*some, "--output", out, "--check-parity", "6", "--checkpoint", other, "--quiet",
+              url=triton.server.grpc_url)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "FAIL" in r.stdout and "parity FAILED" in r.stdout
+
+
+def test_client_is_torch_free_and_usage_errors(triton, photos, tmp_path):
+    code = ("import sys; from client import embed; "
+            f"rc = embed.main([{str(photos / 'coins.png')!r}, '--url', {triton.server.grpc_url!r},"
+            f" '--output', {str(tmp_path / 'one.npz')!r}, '--quiet']); "
+            "print('TORCH', 'torch' in sys.modules, rc)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert "TORCH False 0" in r.stdout, r.stdout + r.stderr
+    url = triton.server.grpc_url
+    for args, message in [
+        ((photos, "--output", tmp_path / "x", "--batch-size", "0"), "--batch-size must be >= 1"),
+        ((photos, "--output", tmp_path / "x", "--check-parity", "3"), "needs --checkpoint"),
+        ((photos, "--output", tmp_path / "x", "--preprocess-mode", "short288"),
+         "the server preprocesses with square320"),
+    ]:
+        r = embed(*args, url=url)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    r = embed("--help")
+    assert r.returncode == 0 and "Exit status" in r.stdout and "130" in r.stdout
+
+
+def test_server_restart_mid_run(triton, photos, reference, tmp_path):
+    """Last: stops the session's server. Run A (default --give-up-after) must ride out the
+    restart; run B (--give-up-after 3) must stop with exit 3, keep its shards, and finish
+    when rerun."""
+    url = triton.server.grpc_url
+    common = (photos, "--batch-size", "1", "--shard-size", "1", "--concurrency", "1", "--quiet")
+    a_out, b_out = tmp_path / "a", tmp_path / "b"
+    a = start_embed(*common, "--output", a_out, url=url)
+    b = start_embed(*common, "--output", b_out, "--give-up-after", "3", url=url)
+    wait_for_shards(a_out, 1, a)
+    wait_for_shards(b_out, 1, b)
+    old = triton.server
+    old.stop()
+    assert a.poll() is None, "run A finished before the outage: the test proves nothing"
+    _, b_err = b.communicate(timeout=120)
+    assert b.returncode == 3, b_err
+    assert "could not finish" in b_err and "rerun the same command to resume" in b_err
+    kept = shards_in(b_out)
+    assert 1 <= kept < 16
+    triton.server = TritonServer(triton.repo, grpc_port=old.grpc_port, http_port=old.http_port,
+                                 metrics_port=old.metrics_port,
+                                 log_path=triton.work / "server2.log").start()
+    a_stdout, a_err = a.communicate(timeout=240)
+    assert a.returncode == 0, a_err
+    assert "out of rotation" in a_err and "answers again" in a_err
+    assert_same(a_out, reference)
+
+    r = embed(*common, "--output", b_out, url=url)
+    assert r.returncode == 0, r.stderr
+    assert f"already done {kept}" in r.stdout or "already done" in r.stdout
+    assert_same(b_out, reference)
+    assert json.loads((b_out / "manifest.json").read_text())["complete"] is True
