@@ -1,0 +1,41 @@
+"""benchmarks/bench.py end to end at a tiny size: every row runs and is printed.
+
+No timing assertions: the numbers depend on the machine and on whatever else runs on it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ("torch-eager", "ort-fp32", "triton-descriptor", "triton-ensemble-1",
+        "triton-ensemble-B", "client-decode-1p", "client-decode-Np")
+
+
+def test_bench_runs_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--images", "4",
+         "--batch", "2", "--concurrency", "2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    table = text[text.index("ratio vs torch-eager"):]
+    lines = table.splitlines()
+    for row in ROWS:
+        printed = [line for line in lines if line.startswith(row + " ")]
+        assert printed, f"row {row} missing from the table:\n{table}"
+        assert " x" in printed[0], f"row {row} has no ratio: {printed[0]}"
+    assert "skipped" not in table, table
+    # The device is named before any number, and the server-side batching is reported.
+    assert text.index("cpu ") < text.index("ratio vs torch-eager")
+    assert "tritonserver" in text and "mean batch" in text
+    result = json.loads(out.read_text())
+    assert [r["path"] for r in result["rows"]] == list(ROWS)
+    assert all(r["ratio_vs_torch_eager"] is not None for r in result["rows"])
+    assert result["device"]["cpu_model"]
+    server = {r["path"]: r.get("server", {}) for r in result["rows"]}
+    assert server["triton-descriptor"]["sscd_descriptor"]["inferences"] == 4
+    assert server["triton-ensemble-B"]["sscd_preprocess"]["inferences"] == 4
