@@ -48,10 +48,12 @@ import time  # noqa: E402
 from client import io as outio  # noqa: E402
 from client import pipeline, sources, transport  # noqa: E402
 from client.idset import IdSet  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 from sscd_triton import spec  # noqa: E402
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_UNFINISHED, EXIT_PARITY = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
+DEFAULT_BATCH = 16
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -69,10 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--url", action="append", required=True, metavar="HOST:PORT",
                    help="Triton gRPC endpoint; repeat to spread requests over servers")
     p.add_argument("--output", required=True, help="a folder (sharded) or a file name ending .npz")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="images per request (capped at the model's max_batch_size)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight, all servers together")
-    p.add_argument("--read-threads", type=int, default=8, help="threads reading (and decoding) files")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per request (default 16; capped at the model's max_batch_size)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight, all servers together")
+    p.add_argument("--read-threads", type=int, default=8,
+                   help="threads reading (and decoding) files")
     p.add_argument("--preprocess", choices=("server", "client"), default="server",
                    help="server: send file bytes to the ensemble; client: decode and "
                         "preprocess here and send float32 tensors to the descriptor model")
@@ -81,6 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "server reports, else square320)")
     p.add_argument("--shared-memory", choices=("none", "system"), default="none",
                    help="system: pass tensors through /dev/shm (servers on this host only)")
+    p.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                   help="gRPC header sent with every call, e.g. the key of a server started "
+                        "with --grpc-restricted-protocol=...:KEY=VALUE, which expects header "
+                        "triton-grpc-protocol-KEY (docker/entrypoint.sh restricts shared-memory "
+                        "and model-config: --header "
+                        "triton-grpc-protocol-sscd-admin-key=$SSCD_ADMIN_KEY)")
     p.add_argument("--model", help="model to call (default: 'sscd', or 'sscd_descriptor' "
                                     "with --preprocess client)")
     p.add_argument("--give-up-after", type=float, default=120.0, metavar="SECONDS",
@@ -107,13 +117,16 @@ def validate(args) -> list[str]:
     problems = []
     for name in ("batch_size", "concurrency", "read_threads", "shard_size", "max_file_bytes",
                  "max_request_bytes"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if args.give_up_after <= 0 or args.timeout <= 0:
         problems.append("--give-up-after and --timeout must be positive")
     for url in args.url:
         if "://" in url or ":" not in url:
             problems.append(f"--url {url!r}: give HOST:PORT (the gRPC port), e.g. 127.0.0.1:8001")
+    for header in args.header:
+        if "=" not in header or not header.split("=", 1)[0].strip():
+            problems.append(f"--header {header!r}: give NAME=VALUE")
     if args.check_parity < 0:
         problems.append("--check-parity must be >= 0")
     if args.check_parity and not args.checkpoint:
@@ -184,43 +197,52 @@ class Progress:
             self.bar = None
 
 
-async def describe(endpoints: transport.Endpoints, model: str) -> dict:
+async def describe(endpoints: transport.Endpoints, model: str, headers: dict | None) -> dict:
     """The served model's facts from the first server that answers: dims, max batch,
     input name, and the repository's preprocessing preset when it can be read."""
     while True:
         ep = await endpoints.pick()
         try:
-            info = await _model_facts(ep.client, model)
+            info = await _model_facts(ep.client, model, headers)
         except transport.Fatal:
             await endpoints.report(ep, True)
             raise
-        except asyncio.CancelledError:
-            endpoints.release(ep)
-            raise
-        except Exception as e:  # noqa: BLE001
+        except (InferenceServerException, OSError) as e:
+            if transport.classify(e) == transport.RESTRICTED:
+                await endpoints.report(ep, True)
+                raise transport.restricted(ep.url, e) from None
             await endpoints.report(ep, False, e)
             continue
+        except BaseException:
+            endpoints.release(ep)
+            raise
         await endpoints.report(ep, True)
         return info
 
 
-async def _model_facts(client, model: str) -> dict:
+async def _model_facts(client, model: str, headers: dict | None) -> dict:
     try:
-        cfg = (await client.get_model_config(model, as_json=True, client_timeout=10))["config"]
-        out = cfg["output"][0]
-        info = {"dims": int(out["dims"][-1]), "max_batch": int(cfg.get("max_batch_size", 0)),
-                "input": cfg["input"][0]["name"], "input_dims": [int(d) for d in cfg["input"][0]["dims"]]}
+        cfg = (await client.get_model_config(model, headers=headers, as_json=True,
+                                             client_timeout=10))["config"]
+        first = cfg["input"][0]
+        info = {"dims": int(cfg["output"][0]["dims"][-1]),
+                "max_batch": int(cfg.get("max_batch_size", 0)),
+                "input": first["name"], "input_dims": [int(d) for d in first["dims"]]}
     except Exception as e:  # noqa: BLE001
         if transport.classify(e) == transport.RETRY:
             raise
         if transport.status_name(e) == "NOT_FOUND":
             raise transport.Fatal(f"the server does not serve model {model!r} "
                                   f"({transport.clean_message(e)})") from None
-        md = await client.get_model_metadata(model, as_json=True, client_timeout=10)  # config API restricted
+        # the model-config API may be restricted: the metadata still gives names and shapes
+        md = await client.get_model_metadata(model, headers=headers, as_json=True,
+                                             client_timeout=10)
+        first = md["inputs"][0]
         info = {"dims": int(md["outputs"][0]["shape"][-1]), "max_batch": 0,
-                "input": md["inputs"][0]["name"], "input_dims": [int(d) for d in md["inputs"][0]["shape"][1:]]}
+                "input": first["name"], "input_dims": [int(d) for d in first["shape"][1:]]}
     try:
-        pre = await client.get_model_config(spec.PREPROCESS_MODEL, as_json=True, client_timeout=10)
+        pre = await client.get_model_config(spec.PREPROCESS_MODEL, headers=headers, as_json=True,
+                                            client_timeout=10)
         info["preprocess"] = pre["config"]["parameters"]["preprocess"]["string_value"]
     except Exception:  # noqa: BLE001  (not this repository's layout, or API restricted)
         info["preprocess"] = None
@@ -229,9 +251,10 @@ async def _model_facts(client, model: str) -> dict:
 
 def resolve_preprocess(args, info: dict) -> spec.Preprocess:
     served = info.get("preprocess")
-    if args.preprocess_mode and served and served in spec.PREPROCESS and served != args.preprocess_mode:
+    if args.preprocess_mode and served in spec.PREPROCESS and served != args.preprocess_mode:
         raise UsageError(f"--preprocess-mode {args.preprocess_mode}, but the server preprocesses "
-                         f"with {served}: descriptors would not match; drop the flag or use {served}")
+                         f"with {served}: descriptors would not match; drop the flag or use "
+                         f"{served}")
     mode = spec.PREPROCESS[args.preprocess_mode or (served if served in spec.PREPROCESS else
                                                     spec.DEFAULT_PREPROCESS)]
     dims = info.get("input_dims") or []
@@ -250,9 +273,10 @@ async def run(args) -> int:
     client_side = args.preprocess == "client"
     args.model = args.model or (spec.DESCRIPTOR_MODEL if client_side else spec.ENSEMBLE_NAME)
     store = output = slots = None
+    headers = dict(h.split("=", 1) for h in args.header) or None
     try:
         try:
-            info = await describe(endpoints, args.model)
+            info = await describe(endpoints, args.model, headers)
         except transport.GiveUp as e:
             progress.close()
             print(f"error: could not start: {e}. Nothing was written; rerun when a server is "
@@ -261,9 +285,11 @@ async def run(args) -> int:
         except transport.Fatal as e:
             raise UsageError(str(e)) from None
         mode = resolve_preprocess(args, info)
-        batch = args.batch_size
+        batch = args.batch_size or DEFAULT_BATCH
         if info["max_batch"] and batch > info["max_batch"]:
-            log(f"--batch-size {batch} capped at the model's max_batch_size {info['max_batch']}")
+            if args.batch_size:
+                log(f"--batch-size {batch} capped at the model's max_batch_size "
+                    f"{info['max_batch']}")
             batch = info["max_batch"]
         meta = {"model": args.model, "dims": info["dims"], "preprocess": mode.name,
                 "preprocess_on": args.preprocess, "urls": list(args.url)}
@@ -286,17 +312,22 @@ async def run(args) -> int:
                                 client_side=client_side, max_file_bytes=args.max_file_bytes,
                                 max_request_bytes=args.max_request_bytes)
         if args.shared_memory == "system":
-            slots = transport.ShmSlots(args.concurrency)
+            slots = transport.ShmSlots(args.concurrency, headers=headers)
         sink = pipeline.Sink(store, progress)
         sender = transport.Sender(endpoints, args.model, info["input"], info["dims"],
-                                  sink.result, sink.failure, args.timeout, slots)
+                                  sink.result, sink.failure, args.timeout, slots,
+                                  headers=headers)
         inputs = sources.iter_inputs(args.inputs, exclude=[store.folder])
         task = asyncio.create_task(pipeline.run(inputs, seen, sink, sender, opts, progress))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            stats = await task
+            try:
+                stats = await task
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
         except asyncio.CancelledError:
             progress.close()
             store.close(complete=False)
@@ -314,15 +345,26 @@ async def run(args) -> int:
             progress.close()
             store.close(complete=False)
             raise UsageError(str(e)) from None
+        except Exception:  # a bug or an unreadable stdin: keep what is done, then report
+            progress.close()
+            store.close(complete=False)
+            raise
         progress.close()
+        accounted = store.new_embedded + store.new_failed
+        if accounted != stats.inputs:  # the invariant everything above exists for
+            store.close(complete=False)
+            print(f"internal error: {stats.inputs} new inputs but {accounted} results; the "
+                  "output is kept as unfinished, rerun to complete it", file=sys.stderr)
+            return EXIT_UNFINISHED
         if isinstance(output, outio.NpzOutput):
             output.finalize()
         else:
             store.close(complete=True)
         elapsed = time.monotonic() - started
         new = store.new_embedded + store.new_failed
-        print(f"summary: embedded {store.new_embedded}, failed {store.new_failed}, already done "
-              f"{stats.skipped}, elapsed {elapsed:.1f}s, {new / max(elapsed, 1e-9):.1f} images/s "
+        print(f"summary: embedded {store.new_embedded}, failed {store.new_failed}, skipped "
+              f"{stats.skipped} (done before, or named twice), elapsed {elapsed:.1f}s, "
+              f"{new / max(elapsed, 1e-9):.1f} images/s "
               f"({sender.requests} requests); {args.output} holds {store.embedded} descriptors, "
               f"{store.failed} failures in {outio.failures_path(args.output)}", flush=True)
         status = EXIT_FAILURES if store.failed else EXIT_OK

@@ -197,7 +197,7 @@ class ShardStore:
             self.manifest = {"format": FORMAT, "version": VERSION, **self.meta,
                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": []}
         for name in os.listdir(self.folder):  # leftovers of an interrupted write
-            if ".tmp" in name:
+            if name.endswith(".tmp") and name.startswith(("embeddings-", "ids-", MANIFEST)):
                 os.unlink(os.path.join(self.folder, name))
         self._repair_failures()
         self.embedded = sum(s["count"] for s in self.manifest["shards"])
@@ -337,7 +337,11 @@ class NpzOutput:
             meta = np.array(json.dumps({k: v for k, v in store.manifest.items() if k != "shards"}))
             _atomic_write(self.path, lambda f: np.savez(f, ids=ids, embeddings=emb, meta=meta))
             src = os.path.join(store.folder, FAILURES)
-            _atomic_write(failures_path(self.path), lambda f: f.write(open(src, "rb").read()))
+
+            def copy(f) -> None:
+                with open(src, "rb") as g:
+                    shutil.copyfileobj(g, f)
+            _atomic_write(failures_path(self.path), copy)
             _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         # Rename first: a crash during the removal must not leave a half-deleted work
         # folder that a rerun would mistake for an unfinished run.

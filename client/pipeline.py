@@ -9,11 +9,11 @@ length go together (less zero padding), and a request's padded size is capped.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import itertools
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
@@ -89,8 +89,9 @@ def load_item(id_: str, problem: str | None, opts: Options) -> Item | str:
             return f"not a usable image: {e}"
         except Exception as e:  # noqa: BLE001  (a decoder bug must not stop the run)
             return f"could not decode it: {type(e).__name__}: {e}"
-        return Item(id_, tensor, tensor.nbytes)
-    return Item(id_, data, len(data), alone=not sources.looks_complete(data))
+        return Item(id_, tensor, tensor.nbytes, key=tensor.shape)
+    key = None if opts.preprocess.square else _header_shape(data, opts.preprocess)
+    return Item(id_, data, len(data), alone=not sources.looks_complete(data), key=key)
 
 
 def make_batches(items: list[Item], opts: Options) -> list[list[Item]]:
@@ -100,15 +101,8 @@ def make_batches(items: list[Item], opts: Options) -> list[list[Item]]:
     groups: dict = defaultdict(list)
     batches = [[it] for it in items if it.alone]
     for it in items:
-        if it.alone:
-            continue
-        if opts.client_side:
-            key = it.payload.shape
-        elif not opts.preprocess.square:
-            key = _header_shape(it.payload, opts.preprocess)
-        else:
-            key = None
-        groups[key].append(it)
+        if not it.alone:
+            groups[it.key].append(it)
     for group in groups.values():
         group.sort(key=lambda i: i.size)
         current: list[Item] = []
@@ -124,9 +118,14 @@ def make_batches(items: list[Item], opts: Options) -> list[list[Item]]:
 
 
 def _enumerate(inputs: Iterable, seen: IdSet, chunk: int, loop, out: asyncio.Queue) -> None:
-    """Daemon thread: push `(fresh inputs, skipped count)` chunks, then None."""
-    def put(value) -> None:
-        asyncio.run_coroutine_threadsafe(out.put(value), loop).result()
+    """Daemon thread: push `(fresh inputs, skipped count)` chunks, then None (or the
+    exception that stopped the enumeration, for the run to re-raise)."""
+    def put(value) -> bool:
+        try:
+            asyncio.run_coroutine_threadsafe(out.put(value), loop).result()
+            return True
+        except (RuntimeError, concurrent.futures.CancelledError):  # the run has stopped
+            return False
 
     try:
         it = iter(inputs)
@@ -135,15 +134,12 @@ def _enumerate(inputs: Iterable, seen: IdSet, chunk: int, loop, out: asyncio.Que
             if not raw:
                 break
             fresh = seen.add_new([i for i, _ in raw])
-            put(([r for r, f in zip(raw, fresh) if f], len(raw) - sum(fresh)))
-        put(None)
-    except RuntimeError:  # the loop is gone (the run was stopped)
-        return
+            if not put(([r for r, f in zip(raw, fresh) if f], len(raw) - sum(fresh))):
+                return
     except BaseException as e:  # noqa: BLE001  (handed to the run, which re-raises it)
-        try:
-            put(e)
-        except RuntimeError:
-            return
+        put(e)
+        return
+    put(None)
 
 
 async def run(inputs: Iterable, seen: IdSet, sink: Sink, sender: Sender, opts: Options,
@@ -157,7 +153,7 @@ async def run(inputs: Iterable, seen: IdSet, sink: Sink, sender: Sender, opts: O
     chunk = max(64, 4 * opts.batch_size)
     threading.Thread(target=_enumerate, args=(inputs, seen, chunk, loop, chunks),
                      name="enumerate", daemon=True).start()
-    pool = ThreadPoolExecutor(opts.read_threads, thread_name_prefix="read")
+    pool = concurrent.futures.ThreadPoolExecutor(opts.read_threads, thread_name_prefix="read")
     producers = 2
 
     async def produce() -> None:

@@ -3,7 +3,7 @@ system shared memory.
 
 - `Endpoints`: one reused `tritonclient.grpc.aio` client per URL. A request failing
   with UNAVAILABLE / DEADLINE_EXCEEDED / a connection error takes its endpoint out of
-  rotation for an exponential backoff with jitter (0.5 s doubling to 15 s, times 0.5-1.5);
+  rotation for an exponential backoff with jitter (0.5 s doubling to 10 s, times 0.5-1.5);
   then one request probes it again. When no endpoint has answered anything for
   `give_up_after` seconds, `GiveUp` is raised.
 - `Sender.send(items)`: one request per batch. INVALID_ARGUMENT ("bad image: ...") means
@@ -11,7 +11,8 @@ system shared memory.
   else in halves) until the bad input stands alone, which then becomes a failure with
   the server's reason (after one confirming retry, since some servers fail a whole formed
   batch for one bad image). Other server errors (INTERNAL...) split the same way; a
-  single input still failing after 3 tries becomes a failure.
+  single input still failing after 5 tries over ~15 s becomes a failure. Errors of a
+  server that is stopping or loading its models count as transport trouble.
 - `ShmSlots`: with `--shared-memory system`, one input and one output region per request
   slot, registered lazily with each server and again after it restarts.
 """
@@ -35,10 +36,16 @@ RETRY = "retry"  # transport trouble: another try, maybe elsewhere, after a back
 REJECT = "reject"  # the input is at fault (INVALID_ARGUMENT)
 ERROR = "error"  # the server failed on this request for another reason
 SHM = "shm"  # the server lost our shared-memory registration (it restarted)
+RESTRICTED = "restricted"  # the API needs a header (--grpc-restricted-protocol): --header
 
 _RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
                 "CANCELLED", "UNKNOWN"}
+# Messages of a server that is stopping, restarting or loading: not the input's fault.
+_SERVER_STATE = ("unknown model", "no available versions", "not ready", "is stopping",
+                 "stopped accepting", "shutting down", "stub process is not healthy",
+                 "socket closed", "connection reset")
 _ITEM = re.compile(r"\bitem (\d+) of the request\b")
+_MAX_ROWS = re.compile(r"batch-size must be <= (\d+)")
 _MAX_GRPC = 2 ** 31 - 1
 
 
@@ -50,6 +57,11 @@ class Fatal(Exception):
     """A condition retrying cannot fix (unknown model, unusable shared memory)."""
 
 
+def restricted(url: str, e: BaseException) -> Fatal:
+    return Fatal(f"the server at {url} restricts this API ({clean_message(e)}); pass the "
+                 "header it expects with --header NAME=VALUE")
+
+
 def status_name(e: BaseException) -> str:
     status = e.status() if isinstance(e, InferenceServerException) else None
     return str(status or "").replace("StatusCode.", "")
@@ -57,9 +69,11 @@ def status_name(e: BaseException) -> str:
 
 def classify(e: BaseException) -> str:
     if not isinstance(e, InferenceServerException):
-        return RETRY  # connection-level trouble surfacing as another exception type
+        return RETRY  # OSError: connection-level trouble surfacing as another type
     status, message = status_name(e), (e.message() or "").lower()
-    if status in _RETRY_CODES or not status:
+    if "protocol is restricted" in message:  # sent as UNAVAILABLE, but retrying cannot help
+        return RESTRICTED
+    if status in _RETRY_CODES or not status or any(m in message for m in _SERVER_STATE):
         return RETRY
     if "shared memory" in message:
         return SHM
@@ -114,7 +128,7 @@ class Endpoint:
 
 class Endpoints:
     def __init__(self, urls: list[str], give_up_after: float = 120.0,
-                 backoff: tuple[float, float] = (0.5, 15.0),
+                 backoff: tuple[float, float] = (0.5, 10.0),
                  client_factory: Callable[[str], Any] = make_client,
                  on_change: Callable[[str], None] | None = None):
         self.all = [Endpoint(u, client_factory(u)) for u in urls]
@@ -123,6 +137,7 @@ class Endpoints:
         self.on_change = on_change or (lambda message: None)
         self._cond = asyncio.Condition()
         self.last_answer = asyncio.get_running_loop().time()
+        self._last_note = self.last_answer
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -175,6 +190,10 @@ class Endpoints:
                 if ep.up:
                     self.on_change(f"{ep.url} out of rotation ({status_name(error) or 'error'}: "
                                    f"{ep.last_error[:120]}); retrying in {delay:.1f}s")
+                elif not any(e.up for e in self.all) and now - self._last_note >= 10:
+                    self._last_note = now
+                    self.on_change(f"no server has answered for {now - self.last_answer:.0f}s "
+                                   f"(giving up after {self.give_up_after:g}s); retrying")
                 ep.up = False
             self._cond.notify_all()
 
@@ -212,8 +231,10 @@ class ShmSlots:
     one, registered again. Only for servers on this host: they map the same /dev/shm.
     """
 
-    def __init__(self, count: int, prefix: str | None = None):
+    def __init__(self, count: int, prefix: str | None = None, headers: dict | None = None):
         from tritonclient.utils import shared_memory as shm
+
+        self.headers = headers
 
         self.shm = shm
         self.prefix = prefix or f"sscd_embed_{os.getpid()}_{random.getrandbits(24):06x}"
@@ -238,7 +259,7 @@ class ShmSlots:
             if ep.url in slot.registered:
                 for name, _, _ in slot.regions.values():
                     try:
-                        await ep.client.unregister_system_shared_memory(name)
+                        await ep.client.unregister_system_shared_memory(name, headers=self.headers)
                     except Exception:
                         pass
         slot.registered.clear()
@@ -261,14 +282,17 @@ class ShmSlots:
         if ep.url not in slot.registered:
             for name, _, size in slot.regions.values():
                 try:
-                    await ep.client.unregister_system_shared_memory(name)
+                    await ep.client.unregister_system_shared_memory(name, headers=self.headers)
                 except Exception:
                     pass
                 try:
-                    await ep.client.register_system_shared_memory(name, "/" + name, size)
+                    await ep.client.register_system_shared_memory(name, "/" + name, size,
+                                                                   headers=self.headers)
                 except InferenceServerException as e:
                     if classify(e) == RETRY:
                         raise
+                    if classify(e) == RESTRICTED:
+                        raise restricted(ep.url, e) from None
                     raise Fatal(f"--shared-memory system: the server at {ep.url} cannot map "
                                 f"/dev/shm/{name} ({clean_message(e)}); shared memory only "
                                 "works with a server on this host") from None
@@ -296,6 +320,7 @@ class Item:
     payload: Any  # bytes (server preprocessing) or float32 [3, H, W] (client preprocessing)
     size: int
     alone: bool = False  # send in a request of its own (unpadded): see sources.looks_complete
+    key: Any = None  # only items of equal key share a request (their tensor shape)
 
 
 @dataclass
@@ -321,7 +346,7 @@ class Sender:
                  on_result: Callable[[list[str], np.ndarray], None],
                  on_failure: Callable[[str, str], None], timeout: float = 300.0,
                  slots: ShmSlots | None = None, reject_retries: int = 1,
-                 error_retries: int = 2):
+                 error_retries: int = 4, headers: dict | None = None):
         self.endpoints = endpoints
         self.model = model
         self.input_name = input_name
@@ -332,6 +357,8 @@ class Sender:
         self.slots = slots
         self.reject_retries = reject_retries
         self.error_retries = error_retries
+        self.headers = headers
+        self.max_rows = 0  # learnt from the server when its config could not be read
         self.requests = 0
         self.splits = 0
 
@@ -343,7 +370,7 @@ class Sender:
         if self.slots is None:
             inp.set_data_from_numpy(arr)
             result = await ep.client.infer(self.model, [inp], outputs=[out],
-                                           client_timeout=self.timeout)
+                                           client_timeout=self.timeout, headers=self.headers)
             emb = result.as_numpy(spec.OUTPUT_NAME)
         else:
             out_bytes = len(arr) * self.dims * 4
@@ -356,7 +383,7 @@ class Sender:
                 inp.set_shared_memory(in_name, arr.nbytes)
                 out.set_shared_memory(out_name, out_bytes)
                 await ep.client.infer(self.model, [inp], outputs=[out],
-                                      client_timeout=self.timeout)
+                                      client_timeout=self.timeout, headers=self.headers)
                 emb = np.array(self.slots.shm.get_contents_as_numpy(
                     out_handle, np.float32, [len(arr), self.dims]))
             finally:
@@ -364,7 +391,8 @@ class Sender:
         if emb is None or emb.shape != (len(arr), self.dims):
             raise InferenceServerException(
                 f"the server returned {None if emb is None else emb.shape} descriptors for "
-                f"{len(arr)} inputs, expected ({len(arr)}, {self.dims})", status="StatusCode.INTERNAL")
+                f"{len(arr)} inputs, expected ({len(arr)}, {self.dims})",
+                status="StatusCode.INTERNAL")
         return emb.astype(np.float32, copy=False)
 
     async def attempt(self, items: list[Item]) -> np.ndarray | Rejection:
@@ -375,11 +403,14 @@ class Sender:
             ep = await self.endpoints.pick()
             try:
                 emb = await self._infer(ep, arr)
-            except asyncio.CancelledError:
-                self.endpoints.release(ep)
+            except Fatal:
+                await self.endpoints.report(ep, True)
                 raise
-            except Exception as e:  # noqa: BLE001  (classified below; nothing is dropped)
+            except (InferenceServerException, OSError) as e:
                 kind = classify(e)
+                if kind == RESTRICTED:
+                    await self.endpoints.report(ep, True)
+                    raise restricted(ep.url, e) from None
                 if kind == SHM and self.slots is not None and shm_tries < 3:
                     shm_tries += 1
                     self.slots.forget(ep.url)
@@ -392,13 +423,25 @@ class Sender:
                     continue
                 await self.endpoints.report(ep, True)
                 return Rejection(kind, clean_message(e))
+            except BaseException:  # cancelled, or a bug: no verdict on the server
+                self.endpoints.release(ep)
+                raise
             await self.endpoints.report(ep, True)
             return emb
 
     async def send(self, items: list[Item]) -> None:
+        if self.max_rows and len(items) > self.max_rows:
+            for k in range(0, len(items), self.max_rows):
+                await self.send(items[k:k + self.max_rows])
+            return
         outcome = await self.attempt(items)
         if isinstance(outcome, np.ndarray):
             self.on_result([i.id for i in items], outcome)
+            return
+        cap = _MAX_ROWS.search(outcome.message)
+        if cap and 1 <= int(cap.group(1)) < len(items):  # the model's max_batch_size
+            self.max_rows = int(cap.group(1))
+            await self.send(items)
             return
         if len(items) > 1:
             self.splits += 1
@@ -407,8 +450,8 @@ class Sender:
             return
         retries = self.reject_retries if outcome.kind == REJECT else self.error_retries
         for n in range(retries):
-            if outcome.kind == ERROR:
-                await asyncio.sleep(0.5 * 2 ** n * random.uniform(0.5, 1.5))
+            if outcome.kind == ERROR:  # 1, 2, 4, 8 s: outlast a server hiccup
+                await asyncio.sleep(2 ** n * random.uniform(0.5, 1.5))
             outcome = await self.attempt(items)
             if isinstance(outcome, np.ndarray):
                 self.on_result([items[0].id], outcome)

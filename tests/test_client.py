@@ -107,7 +107,8 @@ def _bad_png_bomb() -> bytes:
     def chunk(kind, body):
         return (struct.pack(">I", len(body)) + kind + body
                 + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # 900 Mpixel claimed
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
@@ -161,7 +162,7 @@ def test_mixed_folder_every_input_accounted_once(triton, photos, reference, tmp_
     assert reasons["broken.jpg"].startswith("broken symbolic link")
     assert reasons[os.path.relpath(missing, folder)].startswith("no such file")
     for name in ("random.png", "page.jpg", "fake.jpg"):
-        assert reasons[name].startswith("the server rejected it as a bad image: not an image")
+        assert reasons[name].startswith("the server rejected it as a bad image: "), reasons
     assert "truncated" in reasons["truncated.jpg"]
     assert "too large" in reasons["bomb.png"]
     if os.geteuid() != 0:  # root reads chmod 000 files: then the server rejects the text
@@ -172,7 +173,7 @@ def test_mixed_folder_every_input_accounted_once(triton, photos, reference, tmp_
 
     again = embed(*args, url=triton.server.grpc_url)  # nothing new: same result, same status
     assert again.returncode == 1, again.stderr
-    assert "summary: embedded 0, failed 0, already done 18" in again.stdout
+    assert "summary: embedded 0, failed 0, skipped 18 (done before" in again.stdout
     assert sorted(load_embeddings(str(out))[0].tolist()) == sorted(ids)
     assert sorted(f["id"] for f in load_failures(str(out))) == sorted(failed)
 
@@ -205,7 +206,7 @@ def test_kill_9_then_resume(triton, photos, reference, tmp_path):
 
     r = embed(*args, url=triton.server.grpc_url)
     assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stderr and "already done 0" not in r.stdout
+    assert "resuming" in r.stderr and "skipped 0 " not in r.stdout
     assert_same(out, reference)
     assert load_failures(str(out)) == []
 
@@ -300,20 +301,44 @@ def test_client_is_torch_free_and_usage_errors(triton, photos, tmp_path):
     assert r.returncode == 0 and "Exit status" in r.stdout and "130" in r.stdout
 
 
+def test_restricted_admin_apis(triton, photos, reference, tmp_path):
+    """docker/entrypoint.sh restricts model-config and shared-memory behind a header: the
+    client still embeds without it (model metadata instead of config), and says which
+    flag to add when --shared-memory needs it."""
+    server = TritonServer(triton.repo, log_path=tmp_path / "restricted.log", extra_args=[
+        "--grpc-restricted-protocol=shared-memory,model-config:sscd-admin-key=s3cret"]).start()
+    try:
+        some = [str(photos / n) for n in sorted(os.listdir(photos))[:3]]
+        r = embed(*some, "--output", tmp_path / "plain.npz", "--quiet", url=server.grpc_url)
+        assert r.returncode == 0, r.stderr
+        assert_same(tmp_path / "plain.npz", {i: reference[i] for i in some})
+        r = embed(*some, "--output", tmp_path / "shm.npz", "--shared-memory", "system", "--quiet",
+                  url=server.grpc_url, timeout=60)
+        assert r.returncode == 2 and "restricts this API" in r.stderr and "--header" in r.stderr
+        r = embed(*some, "--output", tmp_path / "shm.npz", "--shared-memory", "system", "--quiet",
+                  "--header", "triton-grpc-protocol-sscd-admin-key=s3cret", url=server.grpc_url)
+        assert r.returncode == 0, r.stderr
+        assert_same(tmp_path / "shm.npz", {i: reference[i] for i in some})
+    finally:
+        server.stop()
+
+
 def test_server_restart_mid_run(triton, photos, reference, tmp_path):
     """Last: stops the session's server. Run A (default --give-up-after) must ride out the
     restart; run B (--give-up-after 3) must stop with exit 3, keep its shards, and finish
-    when rerun."""
+    when rerun. Both are frozen (SIGSTOP) while the server stops, so both are mid-run."""
     url = triton.server.grpc_url
     common = (photos, "--batch-size", "1", "--shard-size", "1", "--concurrency", "1", "--quiet")
     a_out, b_out = tmp_path / "a", tmp_path / "b"
     a = start_embed(*common, "--output", a_out, url=url)
     b = start_embed(*common, "--output", b_out, "--give-up-after", "3", url=url)
-    wait_for_shards(a_out, 1, a)
-    wait_for_shards(b_out, 1, b)
+    for proc, out in ((a, a_out), (b, b_out)):  # freeze each mid-run, so that neither
+        wait_for_shards(out, 1, proc)  # finishes before the outage, however fast it is
+        proc.send_signal(signal.SIGSTOP)
     old = triton.server
-    old.stop()
-    assert a.poll() is None, "run A finished before the outage: the test proves nothing"
+    old.stop(timeout=3)  # SIGTERM, then SIGKILL: frozen clients would hold a graceful stop
+    for proc in (a, b):
+        proc.send_signal(signal.SIGCONT)
     _, b_err = b.communicate(timeout=120)
     assert b.returncode == 3, b_err
     assert "could not finish" in b_err and "rerun the same command to resume" in b_err
@@ -329,6 +354,6 @@ def test_server_restart_mid_run(triton, photos, reference, tmp_path):
 
     r = embed(*common, "--output", b_out, url=url)
     assert r.returncode == 0, r.stderr
-    assert f"already done {kept}" in r.stdout or "already done" in r.stdout
+    assert f"skipped {kept} (done before" in r.stdout
     assert_same(b_out, reference)
     assert json.loads((b_out / "manifest.json").read_text())["complete"] is True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import struct
 import zlib
@@ -25,7 +24,8 @@ def _png(width: int, height: int) -> bytes:
     def chunk(kind, body):
         return (struct.pack(">I", len(body)) + kind + body
                 + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
 
 
@@ -157,7 +157,8 @@ def test_npz_output_assembles_and_reopens(tmp_path):
     assert not os.path.exists(outio.work_dir(path))
     ids, emb = outio.load_embeddings(path)
     assert list(ids) == ["a", "b", "c"] and np.allclose(emb, _emb(3))
-    assert outio.load_failures(path) == [{"id": "x", "reason": "it is a directory, not an image file"}]
+    assert outio.load_failures(path) == [
+        {"id": "x", "reason": "it is a directory, not an image file"}]
     # given again: the finished file is the starting point; new results are added
     out2 = outio.NpzOutput(path, META)
     store2 = out2.open()
@@ -180,11 +181,12 @@ class FakeResult:
 class FakeClient:
     """Rows starting with 0xEE are bad images; `down` makes every call UNAVAILABLE."""
 
-    def __init__(self, url, hint=True, down=False, flaky=0):
+    def __init__(self, url, hint=True, down=False, flaky=0, max_rows=64):
         self.url, self.hint, self.down, self.flaky = url, hint, down, flaky
+        self.max_rows = max_rows
         self.calls = []
 
-    async def infer(self, model, inputs, outputs=None, client_timeout=None):
+    async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
         await asyncio.sleep(0)
         inp = inputs[0]
         rows = np.frombuffer(inp._get_content(), np.uint8).reshape(inp.shape())
@@ -193,6 +195,10 @@ class FakeClient:
             self.flaky -= 1
             raise InferenceServerException("failed to connect to all addresses",
                                            status="StatusCode.UNAVAILABLE")
+        if len(rows) > self.max_rows:
+            raise InferenceServerException(
+                f"[request id: <id_unknown>] inference request batch-size must be <= "
+                f"{self.max_rows} for 'sscd'", status="StatusCode.INVALID_ARGUMENT")
         for i, row in enumerate(rows):
             if row[0] == 0xEE:
                 where = f"item {i} of the request: " if self.hint and len(rows) > 1 else ""
@@ -237,6 +243,13 @@ def test_rejected_batch_is_split_until_bad_inputs_stand_alone(hint):
     assert sender.splits >= 2 and client.calls[0] == 8
 
 
+def test_learns_max_batch_size_from_the_server():
+    client = FakeClient("a:1", max_rows=3)
+    results, failures, sender = _run_sender([client], _items(list(range(1, 9))))
+    assert len(results) == 8 and not failures
+    assert sender.max_rows == 3 and client.calls == [8, 3, 3, 2]
+
+
 def test_transport_errors_retry_and_dead_endpoints_leave_rotation():
     dead, flaky = FakeClient("dead:1", down=True), FakeClient("ok:1", flaky=2)
     results, failures, _ = _run_sender([dead, flaky], _items([1, 2, 3]))
@@ -254,6 +267,19 @@ def test_batches_group_shapes_and_cap_padding():
     items.append(transport.Item("odd", b"?", 1, alone=True))
     batches = [[i.id for i in b] for b in pipeline.make_batches(items, opts)]
     assert batches == [["odd"], ["i3", "i0", "i2"], ["i4"], ["i1"]]
+
+
+def test_short_edge_mode_groups_by_output_shape():
+    from client.pipeline import Options, load_item, make_batches
+    from sscd_triton import spec
+
+    opts = Options(batch_size=8, preprocess=spec.PREPROCESS["short288"])
+    paths = samples.photograph_paths()
+    wide, tall = paths[4], paths[6]  # china.jpg 640x427, motorcycle_left.png
+    items = [load_item(p, None, opts) for p in (wide, tall, wide)]
+    items = [transport.Item(f"{k}", i.payload, i.size, key=i.key) for k, i in enumerate(items)]
+    shapes = [sorted(i.id for i in b) for b in make_batches(items, opts)]
+    assert sorted(shapes) == [["0", "2"], ["1"]]
 
 
 # --- postprocess ------------------------------------------------------------------------
@@ -285,3 +311,81 @@ def test_score_normalization_matches_definition():
     assert np.allclose(r2[:, -1], 1)
     # per-query ranking unchanged
     assert (np.argsort(q2 @ r2.T, axis=1) == np.argsort(q @ r.T, axis=1)).all()
+
+
+def test_classify_server_errors():
+    def err(message, status):
+        return InferenceServerException(message, status=f"StatusCode.{status}")
+
+    reject, retry = transport.REJECT, transport.RETRY
+    assert transport.classify(err("bad image: not an image", "INVALID_ARGUMENT")) == reject
+    assert transport.classify(err("failed to connect to all addresses", "UNAVAILABLE")) == retry
+    assert transport.classify(err("Deadline Exceeded", "DEADLINE_EXCEEDED")) == transport.RETRY
+    assert transport.classify(err("Request for unknown model: 'sscd' has no available versions",
+                                  "NOT_FOUND")) == transport.RETRY  # a server restarting
+    assert transport.classify(err("descriptor model failed: x", "INTERNAL")) == transport.ERROR
+    assert transport.classify(err("Unable to find system shared memory region: 'r'",
+                                  "INVALID_ARGUMENT")) == transport.SHM
+    assert transport.classify(ConnectionResetError()) == transport.RETRY
+    assert transport.split(list("abcdef"), "bad image: item 2 of the request: x") == [
+        ["a", "b"], ["c"], ["d", "e", "f"]]
+    assert transport.split(list("abcde"), "bad image: x") == [["a", "b"], ["c", "d", "e"]]
+
+
+class _ListStore:
+    def __init__(self):
+        self.results, self.failures = [], []
+
+    def add(self, ids, emb):
+        self.results.extend(ids)
+
+    def tick(self):
+        pass
+
+    def fail(self, id_, reason):
+        self.failures.append((id_, reason))
+
+
+class _NoProgress:
+    def update(self, embedded, failed):
+        pass
+
+    def set_total(self, total):
+        self.total = total
+
+
+def _pipeline(inputs, tmp_path, seen=None):
+    store, progress = _ListStore(), _NoProgress()
+    sink = pipeline.Sink(store, progress)
+
+    class EchoSender:
+        async def send(self, batch):
+            sink.result([i.id for i in batch], np.zeros((len(batch), 4), np.float32))
+
+    opts = pipeline.Options(batch_size=3, concurrency=2, read_threads=2)
+    stats = asyncio.run(pipeline.run(inputs, seen or IdSet(), sink, EchoSender(), opts, progress))
+    return store, stats, progress
+
+
+def test_pipeline_accounts_every_input_once(tmp_path):
+    photo = samples.photograph_paths()[3]
+    names = [str(tmp_path / f"p{k}.jpg") for k in range(10)]
+    for n in names:
+        os.symlink(photo, n)
+    done = IdSet()
+    done.add_new(names[:2])  # an earlier run did these
+    inputs = [(n, None) for n in names + names[5:]] + [(str(tmp_path / "no.jpg"), None),
+                                                       ("pat*", "the pattern matched no files")]
+    store, stats, progress = _pipeline(inputs, tmp_path, done)
+    assert sorted(store.results) == sorted(names[2:])
+    assert sorted(f[0] for f in store.failures) == sorted([str(tmp_path / "no.jpg"), "pat*"])
+    assert stats.inputs == 10 and stats.skipped == 7 and progress.total == 10
+
+
+def test_enumeration_errors_stop_the_run(tmp_path):
+    def broken():
+        yield samples.photograph_paths()[3], None
+        raise OSError("stdin went away")
+
+    with pytest.raises(OSError, match="stdin went away"):
+        _pipeline(broken(), tmp_path)
