@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     except (checkpoints.CheckpointError, onnx_export.OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    named = spec.published_model(source)
+    if named and (named.trunk, named.dims) != (loaded.trunk, loaded.dims):
+        report.note(f"warning: the file is named like {named.name} ({named.trunk}, "
+                    f"{named.dims}-d) but holds {loaded.trunk}, {loaded.dims}-d")
     report.log(f"loaded {source}: {loaded.layout} layout, {loaded.trunk}, {loaded.dims}-d, "
                f"{loaded.parameters / 1e6:.1f}M parameters", checkpoint=source,
                layout=loaded.layout, trunk=loaded.trunk, dims=loaded.dims,

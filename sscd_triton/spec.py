@@ -5,6 +5,7 @@ nothing else in the project spells these values out again.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 # --- Preprocessing (upstream README: ImageNet statistics, RGB in [0, 1]) -------------
@@ -48,7 +49,6 @@ DEFAULT_PREPROCESS = "square320"
 GEM_P = 3.0
 GEM_EPS = 1e-6
 L2_EPS = 1e-12
-TRUNK_FEATURES = 2048
 ONNX_OPSET = 17
 
 INPUT_NAME = "images"  # float32 [N, 3, H, W], normalised as above
@@ -91,7 +91,11 @@ PUBLISHED_MODELS = {
         PublishedModel("sscd_imagenet_mixup", "ImageNet", "resnet50", 512, _ALL),
     )
 }
-DEFAULT_MODEL = "sscd_disc_mixup"
+
+
+def published_model(path: str) -> PublishedModel | None:
+    """The published model a file is named after (`<name>.<layout>.pt`), if any."""
+    return PUBLISHED_MODELS.get(os.path.basename(path).split(".")[0])
 
 # --- Serving (Triton model repository) ------------------------------------------------
 ENSEMBLE_NAME = "sscd"

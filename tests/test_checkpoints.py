@@ -121,3 +121,14 @@ def test_zip_that_is_not_torch(tmp_path):
     with zipfile.ZipFile(p, "w") as z:
         z.writestr("readme.txt", "not a model")
     assert _fail(p, "--output", str(tmp_path / "m.onnx"))
+
+
+def test_published_names_are_known_with_their_trunk_and_dims():
+    from sscd_triton import spec
+
+    assert len(spec.PUBLISHED_MODELS) == 7
+    large = spec.published_model("/w/sscd_disc_large.torchscript.pt")
+    assert (large.trunk, large.dims) == ("resnext101_32x4d", 1024)
+    assert "torchvision" not in large.layouts
+    assert spec.published_model("/w/sscd_disc_mixup.classy.pt").dims == 512
+    assert spec.published_model("/w/my_model.pt") is None
