@@ -37,7 +37,7 @@ MIN_SIZE = 32  # the trunk downsamples 32x; smaller inputs leave no feature map
 Shape = tuple[int, int, int, int]  # (N, 3, H, W)
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 NO_TENSORRT = ("TensorRT is not installed (pip install tensorrt, or run inside "
-               "nvcr.io/nvidia/tritonserver:24.xx-py3)")
+               "nvcr.io/nvidia/pytorch:26.10-py3, which ships it)")
 
 
 class InputError(ValueError):
