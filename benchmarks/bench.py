@@ -45,7 +45,6 @@ from sscd_triton import images, samples, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRE = spec.PREPROCESS["square320"]
-DEMO_CHECKPOINT = os.path.join(ROOT, "runs", "demo-untrained.torchvision.pt")
 JPEG_QUALITY = 90
 # docker/entrypoint.sh restricts the statistics and model-config protocols behind the header
 # `sscd-admin-key`; over gRPC Triton expects it with this prefix (its error message says so).
@@ -569,7 +568,7 @@ def main(argv=None) -> int:
     if have_torch:
         if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
             device = "cuda"
-        checkpoint = args.checkpoint or demo.write_demo_checkpoint(DEMO_CHECKPOINT)
+        checkpoint = args.checkpoint or demo.write_demo_checkpoint(os.path.join(ROOT, demo.DEMO_CHECKPOINT))
         try:
             model = checkpoints.load(checkpoint).model.eval()
         except (OSError, checkpoints.CheckpointError) as e:

@@ -24,7 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target", choices=repository.TARGETS, default="gpu")
     p.add_argument("--output", default="runs/model_repository", help="repository folder")
     p.add_argument("--precision", choices=onnx_export.PRECISIONS,
-                   help="descriptor precision (default: fp16 on gpu, fp32 on cpu)")
+                   default="fp32", help="precision of the exported ONNX (the gpu target's fast "
+                   "fp16 path is a TensorRT plan from export/build_tensorrt.py, given with --plan)")
     p.add_argument("--preprocess", choices=sorted(spec.PREPROCESS), default=spec.DEFAULT_PREPROCESS)
     p.add_argument("--max-batch", type=int, default=None,
                    help="largest batch a model step runs (default: 64 gpu, 16 cpu)")
@@ -39,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    precision = args.precision or ("fp16" if args.target == "gpu" else "fp32")
-    max_batch = args.max_batch or (64 if args.target == "gpu" else 16)
+    precision = args.precision
+    max_batch = args.max_batch if args.max_batch is not None else (64 if args.target == "gpu" else 16)
     err = None
     if max_batch < 1:
         err = f"--max-batch {max_batch}: must be >= 1"
@@ -53,8 +54,7 @@ def main(argv=None) -> int:
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    layout = dict(target=args.target, preprocess=args.preprocess, precision=precision,
-                  max_batch=max_batch, max_pixels=args.max_pixels, plan=bool(args.plan))
+    layout = dict(target=args.target, preprocess=args.preprocess, max_batch=max_batch, max_pixels=args.max_pixels, plan=bool(args.plan))
     if args.configs_only:
         written = repository.write_configs(args.output, repository.Layout(dims=args.dims or 512, **layout))
         print("\n".join(f"wrote {p}" for p in written))
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         onnx_export.check_writable(onnx_path)
         source = args.checkpoint
         if source is None:
-            source = demo.write_demo_checkpoint("runs/demo-untrained.torchvision.pt")
+            source = demo.write_demo_checkpoint()
             report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
         loaded = checkpoints.load(source, args.dims)
     except (OSError, checkpoints.CheckpointError, onnx_export.OutputError) as e:

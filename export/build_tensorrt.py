@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     report.log("validated the plan against PyTorch on real photographs" if ran else
                f"parity not run: {checks[0].detail[5:]}")
     report.table()
-    json_path = os.path.splitext(args.output)[0] + ".parity.json"
+    json_path = args.output + ".parity.json"  # sscd.plan.parity.json: beside, not over, sscd.parity.json
     report.write_json(json_path)
     report.log(f"report written to {json_path}")
     print(f"\nNext: python export/build_repository.py --target gpu --plan {args.output} ...")

@@ -87,10 +87,13 @@ def _lightning_message(path: str) -> str:
 def _load_state_dict(state: dict, path: str, dims: int | None) -> Loaded:
     if "state_dict" in state or "pytorch-lightning_version" in state:
         raise CheckpointError(_lightning_message(path))
+    if not all(isinstance(k, str) for k in state):
+        bad = next(k for k in state if not isinstance(k, str))
+        raise CheckpointError(f"{path} is not an SSCD state_dict: key {bad!r} is not a name")
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         bad = next(k for k, v in state.items() if not isinstance(v, torch.Tensor))
         raise CheckpointError(f"{path} is not an SSCD state_dict: entry {bad!r} is a "
-                              f"{type(bad).__name__}, not a tensor")
+                              f"{type(state[bad]).__name__}, not a tensor")
     if any(k.startswith("backbone.initial_block.") for k in state):
         layout = "classy"
         state = {classy_to_torchvision(k): v for k, v in state.items()}

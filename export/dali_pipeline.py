@@ -19,13 +19,15 @@ Numerics (against `sscd_triton.images`, i.e. upstream PIL + torchvision):
   gives exactly 288; the long edge equals the float truncation for any real image size
   (a float quotient of integers this small never rounds up across an integer).
 
-Pixel limit (`max_pixels`): the header shape is checked before decoding. An image over the
-limit fails the *whole batch* (DALI has no per-sample errors; NVIDIA/DALI#3913) with a
-cryptic error from `fn.reshape` (instance `REFUSE_OP`: "Input and output samples must
-occupy the same size in bytes", with the sample index); decoding a 40000 x 40000 PNG on
-the GPU would instead risk running the device out of memory for every request. Requests
-are meant to be refused individually before they reach DALI (the ensemble's caller or a
-front step); this gate is the backstop. Corrupt bytes likewise fail the batch.
+Pixel limit (`max_pixels`): the header shape and the resized shape computed from it are
+checked before decoding (short288 would stretch a 1 x 40000 strip to 288 x 11,520,000; the
+CPU path refuses it as an "extreme aspect ratio"). An image over the limit fails the
+*whole batch* (DALI has no per-sample errors; NVIDIA/DALI#3913) with a cryptic error from
+`fn.reshape` (instance `REFUSE_OP`: "Input and output samples must occupy the same size in
+bytes", with the sample index); decoding a 40000 x 40000 PNG on the GPU would instead risk
+running the device out of memory for every request. Requests are meant to be refused
+individually before they reach DALI (the ensemble's caller or a front step); this gate is
+the backstop. Corrupt bytes likewise fail the batch.
 Formats: DALI decodes JPEG, PNG, BMP, TIFF, WebP, JPEG 2000, PNM, but not GIF.
 """
 from __future__ import annotations
@@ -41,14 +43,23 @@ OUTPUT_NAME = spec.INPUT_NAME  # the name the Triton config gives pipeline outpu
 REFUSE_OP = "refuse_over_max_pixels"
 
 
-def _refuse_oversized(encoded, hw, max_pixels: int):
-    """Pass `encoded` through unchanged, or fail the batch if `h * w > max_pixels`.
+def _out_hw(preprocess: spec.Preprocess, hw):
+    """The resized (H, W): square's constant, or short288's integer sizes (module docstring)."""
+    if preprocess.square:
+        return preprocess.size, preprocess.size
+    short = dmath.min(hw[0], hw[1])
+    return preprocess.size * hw[0] // short, preprocess.size * hw[1] // short
+
+
+def _refuse_oversized(encoded, hw, out_hw, max_pixels: int):
+    """Pass `encoded` through unchanged, or fail the batch if the header size `h * w` or the
+    resized size `out_h * out_w` is over `max_pixels` (as `sscd_triton.images.load_tensor`).
 
     DALI has no assert operator; reshaping to a volume one larger than the input is an
     error, raised on the CPU before the decoder that depends on this output runs.
     """
-    too_big = fn.cast(hw[0] * hw[1] > max_pixels, dtype=types.INT64)
-    n = encoded.shape(dtype=types.INT64) + too_big
+    too_big = (hw[0] * hw[1] > max_pixels) | (out_hw[0] * out_hw[1] > max_pixels)
+    n = encoded.shape(dtype=types.INT64) + fn.cast(too_big, dtype=types.INT64)
     return fn.reshape(encoded, shape=n, name=REFUSE_OP)
 
 
@@ -70,16 +81,12 @@ def build_pipeline(preprocess: spec.Preprocess, max_batch_size: int, device_id: 
         # Header shape (H, W, C): read on the CPU before decoding; orientation ignored so
         # it matches the decoded image below.
         hw = fn.peek_image_shape(encoded, dtype=types.INT64, adjust_orientation=False)
-        encoded = _refuse_oversized(encoded, hw, max_pixels)
+        out_h, out_w = _out_hw(preprocess, hw)
+        encoded = _refuse_oversized(encoded, hw, (out_h, out_w), max_pixels)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                    output_type=types.RGB, adjust_orientation=False)
-        if preprocess.square:
-            size = [float(preprocess.size)] * 2
-        else:
-            h, w = hw[0], hw[1]
-            short = dmath.min(h, w)
-            size = fn.cast(fn.stack(preprocess.size * h // short, preprocess.size * w // short),
-                           dtype=types.FLOAT)
+        size = ([float(out_h), float(out_w)] if preprocess.square
+                else fn.cast(fn.stack(out_h, out_w), dtype=types.FLOAT))
         images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
         return fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="CHW",

@@ -29,7 +29,10 @@ def demo_model(trunk: str = "resnet50", dims: int = 512, seed: int = 0) -> SSCD:
     return model.eval()
 
 
-def write_demo_checkpoint(path: str, trunk: str = "resnet50", dims: int = 512,
+DEMO_CHECKPOINT = "runs/demo-untrained.torchvision.pt"
+
+
+def write_demo_checkpoint(path: str = DEMO_CHECKPOINT, trunk: str = "resnet50", dims: int = 512,
                           seed: int = 0) -> str:
     """Save demo weights in the published `.torchvision.pt` layout; returns `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

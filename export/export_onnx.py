@@ -34,16 +34,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     report = Report("sscd-triton export: checkpoint -> ONNX, with parity against PyTorch", 4)
     try:
-        if args.static_size is not None and args.static_size < 32:
-            raise onnx_export.OutputError(f"--static-size {args.static_size}: must be >= 32")
-        if args.opset < 17:
-            raise onnx_export.OutputError(f"--opset {args.opset}: must be >= 17")
+        if args.static_size is not None and args.static_size < spec.MIN_INPUT_SIZE:
+            raise onnx_export.OutputError(
+                f"--static-size {args.static_size}: must be >= {spec.MIN_INPUT_SIZE}")
+        if args.opset < spec.ONNX_OPSET:
+            raise onnx_export.OutputError(f"--opset {args.opset}: must be >= {spec.ONNX_OPSET}")
         if args.output == parse_args([]).output:
             os.makedirs(os.path.dirname(args.output), exist_ok=True)
         onnx_export.check_writable(args.output)
         source = args.checkpoint
         if source is None:
-            source = demo.write_demo_checkpoint("runs/demo-untrained.torchvision.pt")
+            source = demo.write_demo_checkpoint()
             report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
         loaded = checkpoints.load(source, args.dims)
     except (checkpoints.CheckpointError, onnx_export.OutputError) as e:

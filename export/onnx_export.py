@@ -12,7 +12,7 @@ from export import checkpoints, fp16, validate
 from export.report import Check, Report
 from sscd_triton import runtime, spec
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = spec.PRECISIONS
 
 
 class OutputError(ValueError):

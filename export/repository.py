@@ -19,6 +19,7 @@ from sscd_triton import images, spec
 
 TARGETS = ("gpu", "cpu")
 WARMUP_FILE = "warmup_image.jpg"
+TRT_CACHE = "/tmp/sscd_trt_cache"  # docker/ mounts a volume here so engines survive restarts
 PYTHON_SHIM = "from sscd_triton.{module} import TritonPythonModel  # noqa: F401\n"
 
 
@@ -29,7 +30,6 @@ class Layout:
     target: str = "gpu"
     dims: int = 512
     preprocess: str = spec.DEFAULT_PREPROCESS
-    precision: str = "fp16"
     max_batch: int = 64
     max_pixels: int = spec.MAX_IMAGE_PIXELS
     plan: bool = False  # gpu: serve a TensorRT plan instead of ONNX
@@ -57,7 +57,6 @@ def _batching(cfg: mc.ModelConfig, layout: Layout) -> None:
     b.max_queue_delay_microseconds = layout.queue_delay_us
     # Bounded queue: overload is refused at once instead of growing latency without end.
     b.default_queue_policy.max_queue_size = 16 * layout.max_batch
-    b.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
 
 
 def _instances(cfg: mc.ModelConfig, layout: Layout, count: int) -> None:
@@ -71,13 +70,15 @@ def preprocess_config(layout: Layout) -> mc.ModelConfig:
     cfg.input.add(name=spec.ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1],
                   allow_ragged_batch=True)
     cfg.output.add(name=spec.INPUT_NAME, data_type=mc.TYPE_FP32, dims=layout.image_dims)
+    # Recorded on both targets so clients and checks can read what the server does
+    # (the DALI backend ignores parameters it does not know).
+    _param(cfg, "preprocess", layout.preprocess)
+    _param(cfg, "max_pixels", layout.max_pixels)
     if layout.target == "gpu":
         cfg.backend = "dali"
         _instances(cfg, layout, 1)
     else:
         cfg.backend = "python"
-        _param(cfg, "preprocess", layout.preprocess)
-        _param(cfg, "max_pixels", layout.max_pixels)
         _instances(cfg, layout, 2)  # one process per core: PIL decoding holds the GIL
     _batching(cfg, layout)
     w = cfg.model_warmup.add(name="one_jpeg", batch_size=1)
@@ -103,16 +104,22 @@ def descriptor_config(layout: Layout) -> mc.ModelConfig:
         cfg.backend = "onnxruntime"
         _instances(cfg, layout, 2)
         trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        trt.parameters["precision_mode"] = layout.precision.upper()
+        # FP16 mode would let TensorRT pick half kernels for GeM's x**3 and the norm too
+        # (NVIDIA/TensorRT#1954); the exported graph already says which part is fp16.
+        # `build_tensorrt.py` plans pin the fp32 island explicitly: serve one with --plan.
+        trt.parameters["precision_mode"] = "FP32"
         trt.parameters["max_workspace_size_bytes"] = str(4 << 30)
         # Without the engine cache every model load rebuilds engines for minutes.
         trt.parameters["trt_engine_cache_enable"] = "1"
-        trt.parameters["trt_engine_cache_path"] = "/tmp/sscd_trt_cache"
+        trt.parameters["trt_engine_cache_path"] = TRT_CACHE
     _batching(cfg, layout)
-    w = cfg.model_warmup.add(name="zeros", batch_size=1)
-    w.inputs[spec.INPUT_NAME].data_type = mc.TYPE_FP32
-    w.inputs[spec.INPUT_NAME].dims.extend(layout.warmup_dims)
-    w.inputs[spec.INPUT_NAME].zero_data = True
+    # Warm the smallest and the largest batch: engines built lazily for a new shape
+    # would otherwise stall the first full batch in production.
+    for batch in sorted({1, layout.max_batch}):
+        w = cfg.model_warmup.add(name=f"zeros_batch{batch}", batch_size=batch)
+        w.inputs[spec.INPUT_NAME].data_type = mc.TYPE_FP32
+        w.inputs[spec.INPUT_NAME].dims.extend(layout.warmup_dims)
+        w.inputs[spec.INPUT_NAME].zero_data = True
     return cfg
 
 
@@ -175,7 +182,7 @@ def write_configs(root: str, layout: Layout) -> list[str]:
         if cfg.backend == "python":
             module = "triton_preprocess" if cfg.name == spec.PREPROCESS_MODEL else "triton_descriptor"
             _write(os.path.join(folder, "1", "model.py"), PYTHON_SHIM.format(module=module))
-        os.makedirs(os.path.join(folder, "1"), exist_ok=True)
+        _write(os.path.join(folder, "1", ".gitkeep"), "")  # Triton needs the version folder
     return written
 
 

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         print(f"error: {args.repository} holds no '{spec.ENSEMBLE_NAME}' ensemble; build one with "
               "export/build_repository.py --target cpu", file=sys.stderr)
         return 2
-    source = args.checkpoint or demo.write_demo_checkpoint("runs/demo-untrained.torchvision.pt")
+    source = args.checkpoint or demo.write_demo_checkpoint()
     try:
         loaded = checkpoints.load(source)
         preprocess = served_preprocess(args.repository)

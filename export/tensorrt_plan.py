@@ -32,8 +32,8 @@ from export import fp16
 from export.report import Check
 from sscd_triton import samples, spec
 
-PRECISIONS = ("fp16", "fp32")
-MIN_SIZE = 32  # the trunk downsamples 32x; smaller inputs leave no feature map
+PRECISIONS = spec.PRECISIONS
+MIN_SIZE = spec.MIN_INPUT_SIZE
 Shape = tuple[int, int, int, int]  # (N, 3, H, W)
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 NO_TENSORRT = ("TensorRT is not installed (pip install tensorrt, or run inside "

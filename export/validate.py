@@ -27,6 +27,7 @@ def torch_runner(model: torch.nn.Module) -> Runner:
 
 
 def _judge(name: str, cand: np.ndarray, ref: np.ndarray, precision: str) -> Check:
+    """`cand` describes the first len(cand) images of `ref` (all the photographs)."""
     p = parity.measure(cand, ref)
     norms = np.linalg.norm(cand, axis=1)
     unit = bool(np.all(np.abs(norms - 1) < 1e-3))
@@ -54,9 +55,9 @@ def model_parity(candidate: Runner, reference: Runner, precision: str,
         square = spec.Preprocess(f"square{static_size}", f"skew_{static_size}", static_size,
                                  square=True)
     x = np.stack([images.to_tensor(img, square) for img in photos])
+    ref = reference(x)
     for b in SQUARE_BATCHES:
-        checks.append(_judge(f"{square.upstream_name} batch {b}",
-                             candidate(x[:b]), reference(x[:b]), precision))
+        checks.append(_judge(f"{square.upstream_name} batch {b}", candidate(x[:b]), ref, precision))
     short = spec.PREPROCESS["short288"]
     name = f"{short.upstream_name} x{len(photos)}, batch 1"
     if static_size is not None:

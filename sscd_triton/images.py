@@ -8,13 +8,17 @@ approximation of it. The CPU Triton preprocessing model and the client use it.
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sscd_triton import spec
 
+# decode() enforces its own, configurable limit; PIL's process-wide one (error at 179M
+# pixels) would otherwise cap --max-pixels silently.
+Image.MAX_IMAGE_PIXELS = None
+# Deliberately narrower than PIL's plug-ins (no PPM, TGA, ICO, PSD...): less parser surface
+# facing untrusted bytes.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG covers multi-picture (MPO) files
 
 
@@ -30,14 +34,10 @@ def decode(data: bytes, max_pixels: int = spec.MAX_IMAGE_PIXELS) -> Image.Image:
     if len(data) == 0:
         raise ImageError("empty input: zero bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (UnidentifiedImageError, Image.DecompressionBombWarning):
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
         raise ImageError(f"not an image: {len(data)} bytes in no supported format "
                          "(JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large: {e}") from None
     except Exception as e:  # PIL raises many types on malformed headers
         raise ImageError(f"unreadable image header: {e}") from None
     width, height = img.size

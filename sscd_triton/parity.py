@@ -4,7 +4,9 @@ A random-weight SSCD maps every image to nearly the same descriptor, so an absol
 cosine bound passes for any two images. Pipeline parity is therefore measured on
 descriptors centred on the reference mean, and against the distance to the nearest
 *other* image: a faithful pipeline moves a descriptor much less than that.
-All functions take float arrays `[N, dims]`, row i of both sets describing image i.
+`measure` takes float arrays `[n, dims]` and `[N, dims]`, n <= N: candidate row i and
+reference row i describe image i; reference rows past n are further images that only
+serve as the "other images" (so that a batch of one is still measured discriminatively).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from sscd_triton import spec
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), spec.L2_EPS)
 
 
 @dataclass
@@ -40,24 +42,21 @@ class Parity:
 def measure(candidate: np.ndarray, reference: np.ndarray) -> Parity:
     c = np.asarray(candidate, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
-    if c.shape != r.shape or c.ndim != 2:
-        raise ValueError(f"descriptor sets differ in shape: {c.shape} vs {r.shape}")
-    n = len(r)
+    if c.ndim != 2 or r.ndim != 2 or c.shape[1] != r.shape[1] or len(c) > len(r):
+        raise ValueError(f"descriptor sets do not pair up: {c.shape} vs {r.shape}")
+    if len(r) < 2:
+        raise ValueError("parity needs at least two reference images (one to compare, one other)")
+    n = len(c)
     mu = r.mean(axis=0, keepdims=True)
-    # With a single image the mean is the image itself; centring would leave nothing.
-    cc, rc = (_unit(c - mu), _unit(r - mu)) if n > 1 else (_unit(c), _unit(r))
-    centered = np.sum(cc * rc, axis=1)
+    centered = np.sum(_unit(c - mu) * _unit(r[:n] - mu), axis=1)
     dist = np.linalg.norm(c[:, None, :] - r[None, :, :], axis=2)  # dist[i, j] = |c_i - r_j|
-    own = np.diag(dist).copy()
-    if n > 1:
-        others = dist + np.diag(np.full(n, np.inf))
-        ratio = own / np.maximum(others.min(axis=1), 1e-12)
-        top1 = int(np.sum(np.argmin(dist, axis=1) == np.arange(n)))
-    else:
-        ratio, top1 = np.zeros(1), 1
+    own = dist[np.arange(n), np.arange(n)].copy()
+    dist[np.arange(n), np.arange(n)] = np.inf
+    ratio = own / np.maximum(dist.min(axis=1), 1e-12)
+    top1 = int(np.sum(own < dist.min(axis=1)))
     return Parity(
         n=n,
-        max_abs=float(np.max(np.abs(c - r))),
+        max_abs=float(np.max(np.abs(c - r[:n]))),
         centered_cosine_min=float(centered.min()),
         nearest_ratio_max=float(ratio.max()),
         top1=top1,

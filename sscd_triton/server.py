@@ -141,10 +141,11 @@ class TritonServer:
             try:
                 self._launch_and_wait()
                 return self
-            except TritonServerError as error:
+            except BaseException as error:  # Ctrl-C while waiting must not leave it running
                 self._kill_group()
                 self.process = None
-                if not (auto_ports and attempt < 2 and "already in use" in str(error)):
+                if not (isinstance(error, TritonServerError) and auto_ports and attempt < 2
+                        and "already in use" in str(error)):
                     raise
         raise AssertionError("unreachable")
 

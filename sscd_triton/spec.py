@@ -50,6 +50,8 @@ GEM_P = 3.0
 GEM_EPS = 1e-6
 L2_EPS = 1e-12
 ONNX_OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+MIN_INPUT_SIZE = 32  # the trunk downsamples 32x: smaller inputs leave no feature map
 
 INPUT_NAME = "images"  # float32 [N, 3, H, W], normalised as above
 OUTPUT_NAME = "descriptors"  # float32 [N, dims], unit L2 norm
@@ -105,6 +107,9 @@ PREPROCESS_MODEL = "sscd_preprocess"
 DESCRIPTOR_MODEL = "sscd_descriptor"
 # A PNG of a few KB can claim 60000 x 60000 pixels; refuse anything larger before decoding.
 MAX_IMAGE_PIXELS = 40_000_000
+# How the server words a refused image; clients parse these to isolate bad files.
+BAD_IMAGE_PREFIX = "bad image: "
+BAD_ROW = "item {index} of the request: "
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # --- Parity bounds (../shared/triton/NOTES.md: random weights make plain cosines meaningless)

@@ -31,7 +31,8 @@ class TritonPythonModel:
             try:
                 out.append(images.load_tensor(row.tobytes(), self.preprocess, self.max_pixels))
             except images.ImageError as e:
-                raise images.ImageError(f"item {i} of the request: {e}" if len(batch) > 1 else str(e))
+                raise images.ImageError((spec.BAD_ROW.format(index=i) if len(batch) > 1 else "")
+                                        + str(e)) from None
         if len({t.shape for t in out}) > 1:
             raise images.ImageError("images of one request resize to different shapes "
                                     f"({self.preprocess.name}); send them one per request")
@@ -46,6 +47,10 @@ class TritonPythonModel:
                 responses.append(self.pb.InferenceResponse(output_tensors=[tensor]))
             except images.ImageError as e:
                 # INVALID_ARG tells clients the input is at fault: retrying cannot help.
-                error = self.pb.TritonError(f"bad image: {e}", self.pb.TritonError.INVALID_ARG)
+                error = self.pb.TritonError(spec.BAD_IMAGE_PREFIX + str(e),
+                                            self.pb.TritonError.INVALID_ARG)
+                responses.append(self.pb.InferenceResponse(error=error))
+            except Exception as e:  # a bug must not take the other requests down with it
+                error = self.pb.TritonError(f"preprocessing failed: {type(e).__name__}: {e}")
                 responses.append(self.pb.InferenceResponse(error=error))
         return responses

@@ -100,12 +100,25 @@ def test_exif_orientation_is_ignored():
 
 
 def test_oversized_image_fails_the_batch_before_decoding():
-    small = images.encode(Image.new("RGB", (40, 30), (10, 200, 30)), "PNG")
-    pre = spec.PREPROCESS["square320"]
-    assert len(dali_pipeline.run_cpu(pre, [small, small], max_pixels=1200)) == 2
+    # The limit is at least the 320 x 320 output, as load_tensor also refuses a larger output.
+    pre, limit = spec.PREPROCESS["square320"], 400 * 300
+    small = images.encode(Image.new("RGB", (400, 300), (10, 200, 30)), "PNG")
+    assert len(dali_pipeline.run_cpu(pre, [small, small], max_pixels=limit)) == 2
     with pytest.raises(RuntimeError, match="reshape"):
-        dali_pipeline.run_cpu(pre, [small, images.encode(Image.new("RGB", (41, 30)), "PNG")],
-                              max_pixels=1200)
+        dali_pipeline.run_cpu(pre, [small, images.encode(Image.new("RGB", (401, 300)), "PNG")],
+                              max_pixels=limit)
+
+
+def test_extreme_aspect_ratio_fails_the_batch_like_load_tensor(photos):
+    # 3 x 4000 = 12,000 source pixels pass, but short288 would resize it to 288 x 384,000.
+    pre, limit = spec.PREPROCESS["short288"], 1_000_000
+    strip = images.encode(Image.new("RGB", (4000, 3), (200, 20, 20)), "PNG")
+    photo = images.encode(photos[0], "PNG")
+    with pytest.raises(images.ImageError, match="extreme aspect ratio"):
+        images.load_tensor(strip, pre, max_pixels=limit)
+    assert len(dali_pipeline.run_cpu(pre, [photo], max_pixels=limit)) == 1
+    with pytest.raises(RuntimeError, match="reshape"):
+        dali_pipeline.run_cpu(pre, [photo, strip], max_pixels=limit)
 
 
 @pytest.mark.parametrize("preset", list(spec.PREPROCESS))

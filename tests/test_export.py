@@ -57,20 +57,34 @@ def test_export_passes_every_parity_check(exported, layout, precision):
         assert last["centered_cosine_min"] >= 0.999 and last["nearest_ratio_max"] <= 0.05
 
 
-@pytest.mark.parametrize("layout", ["torchvision", "classy_large"])
+@pytest.mark.parametrize("layout", ["torchvision", "torchscript", "classy_large"])
 def test_fp16_graph_keeps_gem_and_norm_in_fp32(exported, layout):
     _, _, path = exported(layout, "fp16")
-    g = onnx.load(path)
-    kinds = {i.name: i.data_type for i in g.graph.initializer}
-    assert onnx.TensorProto.FLOAT16 in kinds.values()
-    assert g.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert g.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    ops = [n.op_type for n in g.graph.node]
-    head = ops[ops.index("Pow") - 3:]
-    assert "cast_trunk_fp32" in [n.name for n in g.graph.node]
-    gemm = next(n for n in g.graph.node if n.op_type == "Gemm")
-    assert all(kinds.get(i, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for i in gemm.input)
-    assert "ReduceL2" in head or "ReduceSumSquare" in head
+    g = onnx.shape_inference.infer_shapes(onnx.load(path))
+    FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*g.graph.value_info, *g.graph.input, *g.graph.output]}
+    types.update({i.name: i.data_type for i in g.graph.initializer})
+    names = [n.name for n in g.graph.node]
+    cut = names.index("cast_trunk_fp32")
+    trunk, head = g.graph.node[1:cut], g.graph.node[cut + 1:]
+    convs = [n for n in trunk if n.op_type == "Conv"]
+    assert convs and all(types[n.input[1]] == HALF for n in convs)
+    for node in head:  # every float tensor GeM, the Linear and the norm touch is fp32
+        for t in [*node.input, *node.output]:
+            assert types.get(t, FLOAT) in (FLOAT, onnx.TensorProto.INT64), (node.op_type, t)
+            if node.op_type != "Shape":
+                assert t in types or t == "", f"no type inferred for {t}"
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
+              for n in head if n.op_type == "Constant"}
+    pows = [n for n in head if n.op_type == "Pow"]
+    exps = sorted(float(consts[n.input[1]]) if n.input[1] in consts
+                  else float(onnx.numpy_helper.to_array(
+                      next(i for i in g.graph.initializer if i.name == n.input[1])))
+                  for n in pows)
+    assert exps == pytest.approx([1 / 3, 3.0], abs=1e-7)  # not fp16-rounded 0.33325
+    assert g.graph.input[0].type.tensor_type.elem_type == FLOAT
+    assert g.graph.output[0].type.tensor_type.elem_type == FLOAT
 
 
 @pytest.mark.parametrize("batch,h,w", [(1, 288, 384), (16, 320, 320), (1, 512, 288), (3, 288, 384)])
@@ -104,7 +118,18 @@ def test_checker_and_opset(exported):
     assert [o.name for o in g.graph.output] == [spec.OUTPUT_NAME]
 
 
-def test_no_partial_model_is_left_when_export_fails(ckpts, tmp_path):
+def test_no_partial_model_is_left_when_export_fails(ckpts, tmp_path, monkeypatch):
     out = tmp_path / "m.onnx"
     assert export_onnx.main(["--checkpoint", str(tmp_path / "missing.pt"), "--output", str(out)]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+    from sscd_triton import runtime
+
+    def broken_session(path, *args, **kwargs):  # fails after the model file was written
+        assert os.path.getsize(path) > 0
+        raise RuntimeError("simulated failure while loading the written model")
+
+    monkeypatch.setattr(runtime, "onnx_session", broken_session)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_onnx.main(["--checkpoint", ckpts[0]["torchvision"], "--output", str(out)])
     assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ from export import build_repository, checkpoints, repository, serve_check
 from sscd_triton import images, parity, samples, spec
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
-LAYOUTS = [repository.Layout(target=t, preprocess=p, plan=plan, precision="fp16")
+LAYOUTS = [repository.Layout(target=t, preprocess=p, plan=plan)
            for t in repository.TARGETS for p in spec.PREPROCESS for plan in (False, True)
            if not (plan and t == "cpu")]
 
@@ -50,6 +50,7 @@ def test_committed_repository_is_the_generated_gpu_one(tmp_path):
     for model in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL):
         with open(os.path.join(ROOT, "model_repository", model, "config.pbtxt")) as f:
             committed = f.read()
+        assert os.path.isdir(os.path.join(ROOT, "model_repository", model, "1"))
         assert committed == (tmp_path / model / "config.pbtxt").read_text(), \
             "model_repository/ is stale: run python export/build_repository.py --target gpu " \
             "--configs-only --output model_repository"
