@@ -179,13 +179,6 @@ def request_items(i: int, per_request: int, pool: int) -> list[int]:
     return [(i * per_request + k) % pool for k in range(per_request)]
 
 
-def padded(rows: list[bytes]) -> np.ndarray:
-    out = np.zeros((len(rows), max(len(r) for r in rows)), np.uint8)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = np.frombuffer(r, np.uint8)
-    return out
-
-
 # --- local rows ------------------------------------------------------------------------
 def time_calls(row: Row, call, requests: int, warmup: int) -> Row:
     """Closed loop, one call at a time: `call(i)` runs request i."""
@@ -392,7 +385,7 @@ def ensemble_inputs(jpegs: list[bytes]):
     import tritonclient.grpc as grpcclient
 
     def make(items):
-        arr = padded([jpegs[i] for i in items])
+        arr = images.pack_rows([jpegs[i] for i in items])
         inp = grpcclient.InferInput(spec.ENSEMBLE_INPUT, list(arr.shape), "UINT8")
         inp.set_data_from_numpy(arr)
         return [inp]

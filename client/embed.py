@@ -23,8 +23,9 @@ an uninterrupted run. Rerunning with new inputs adds them.
 Exit status:
   0  every input embedded
   1  the run completed, but some inputs failed (listed with reasons in the failures file)
-  2  bad usage: arguments, an output written with another model or preprocessing, a model
-     the server does not serve, an unusable --checkpoint
+  2  bad usage: arguments, an output written with another model or preprocessing (or being
+     written by another embed.py), a model the server does not serve, an unusable
+     --checkpoint
   3  could not finish: no server answered for --give-up-after seconds; everything done so
      far is kept and rerunning the same command resumes
   4  --check-parity: a parity bound failed (takes precedence over 1)
@@ -127,8 +128,8 @@ def validate(args) -> list[str]:
     for header in args.header:
         if "=" not in header or not header.split("=", 1)[0].strip():
             problems.append(f"--header {header!r}: give NAME=VALUE")
-    if args.check_parity < 0:
-        problems.append("--check-parity must be >= 0")
+    if args.check_parity == 1 or args.check_parity < 0:
+        problems.append("--check-parity N: N must be 0 (off) or >= 2 (parity needs other images)")
     if args.check_parity and not args.checkpoint:
         problems.append("--check-parity needs --checkpoint (the checkpoint the server serves)")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
@@ -316,7 +317,7 @@ async def run(args) -> int:
         sink = pipeline.Sink(store, progress)
         sender = transport.Sender(endpoints, args.model, info["input"], info["dims"],
                                   sink.result, sink.failure, args.timeout, slots,
-                                  headers=headers)
+                                  headers=headers, defer=True)
         inputs = sources.iter_inputs(args.inputs, exclude=[store.folder])
         task = asyncio.create_task(pipeline.run(inputs, seen, sink, sender, opts, progress))
         loop = asyncio.get_running_loop()

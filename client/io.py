@@ -17,11 +17,15 @@ Two forms, chosen by the `--output` name:
   hidden sharded folder `OUT.npz.partial/`; the `.npz` is assembled at the end and
   replaced atomically, then the folder is removed.
 
+One process at a time writes an output: it holds an exclusive `flock` on `DIR/.lock`
+(`OUT.npz.partial/.lock`) while open; a second embed.py on the same output stops (exit 2).
+
 `load_embeddings(path)` reads either form: `ids, embeddings = load_embeddings(path)`.
 Ids are unique; their order is not the input order.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -34,6 +38,7 @@ FORMAT = "sscd-triton-embeddings"
 VERSION = 1
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
+LOCK = ".lock"
 PARTIAL_SUFFIX = ".partial"
 # Runs writing into one output must agree on these, or their descriptors would not compare.
 COMPATIBLE_KEYS = ("model", "dims", "preprocess", "preprocess_on")
@@ -69,8 +74,8 @@ def _fsync_dir(path: str) -> None:
 
 
 def _atomic_write(path: str, write) -> None:
-    """Write via `write(file)` into `path.tmp`, fsync, then rename over `path`."""
-    tmp = f"{path}.tmp"
+    """Write via `write(file)` into `path.PID.tmp`, fsync, then rename over `path`."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
@@ -81,6 +86,33 @@ def _atomic_write(path: str, write) -> None:
 def _write_json(path: str, doc: dict) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(doc, indent=1).encode()))
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def lock_output(folder: str, output: str) -> int:
+    """Create `folder` and hold an exclusive lock on `folder/.lock` (released when the
+    returned descriptor is closed, or the process ends, however it ends)."""
+    while True:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, LOCK)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the folder was just renamed away (a run finishing)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another embed.py is writing {output}; wait for it to finish "
+                              "or choose another --output") from None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # locked a lock file that a finishing run had just moved away
 
 
 def read_manifest(folder: str) -> dict | None:
@@ -162,8 +194,10 @@ class ShardStore:
     """A sharded output folder being written, resumable after any crash."""
 
     def __init__(self, folder: str, meta: dict, shard_size: int = 10000,
-                 flush_seconds: float = 60.0):
+                 flush_seconds: float = 60.0, lock: bool = True):
         self.folder = folder
+        self.lock = lock  # False: the owner (NpzOutput) holds the folder's lock
+        self._lock_fd: int | None = None
         self.meta = dict(meta)
         self.shard_size = shard_size
         self.flush_seconds = flush_seconds
@@ -179,6 +213,20 @@ class ShardStore:
     def open(self) -> "ShardStore":
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise OutputError(f"{self.folder} exists and is not a folder")
+        if self.lock:
+            self._lock_fd = lock_output(self.folder, self.folder)
+        try:
+            return self._open()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _open(self) -> "ShardStore":
         os.makedirs(self.folder, exist_ok=True)
         found = read_manifest(self.folder)
         if found is None and any(n.endswith(".npy") for n in os.listdir(self.folder)):
@@ -279,6 +327,7 @@ class ShardStore:
         self._write_manifest()
         self._failures.close()
         self._failures = None
+        self._unlock()
 
 
 class NpzOutput:
@@ -287,20 +336,47 @@ class NpzOutput:
     def __init__(self, path: str, meta: dict, shard_size: int = 10000,
                  flush_seconds: float = 60.0):
         self.path = path
-        self.store = ShardStore(work_dir(path), meta, shard_size, flush_seconds)
+        self.store = ShardStore(work_dir(path), meta, shard_size, flush_seconds, lock=False)
         self._imported = False
+        self._lock_fd: int | None = None
 
     def open(self) -> ShardStore:
         if os.path.isdir(self.path):
             raise OutputError(f"{self.path} is a folder; an .npz output must be a file name")
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
-        if os.path.exists(self.path) and not os.path.isdir(self.store.folder):
-            self._import_finished()
-        return self.store.open()
+        folder = self.store.folder
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise OutputError(f"{folder} exists and is not a folder")
+        # Locked first, then judged: a run finishing meanwhile has written the .npz.
+        self._lock_fd = lock_output(folder, self.path)
+        try:
+            if read_manifest(folder) is None:
+                # Nothing of a run was ever committed here: leftovers of an import cut short.
+                for name in os.listdir(folder):
+                    if name.endswith((".npy", ".tmp")) or name == FAILURES:
+                        os.unlink(os.path.join(folder, name))
+                if os.path.exists(self.path):
+                    self._import_finished()
+            return self.store.open()
+        except BaseException:
+            try:
+                if os.listdir(folder) == [LOCK]:  # nothing written: leave no litter
+                    shutil.rmtree(folder)
+            except OSError:
+                pass
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _import_finished(self) -> None:
-        """A finished .npz given again: continue from it (only new inputs get embedded)."""
+        """A finished .npz given again: continue from it (only new inputs get embedded).
+        Its shard is written into the (locked, empty) work folder and the manifest last,
+        so an import cut short leaves no manifest: the next run imports again."""
         try:
             with np.load(self.path) as z:
                 ids, emb = z["ids"], z["embeddings"]
@@ -309,10 +385,8 @@ class NpzOutput:
             raise OutputError(f"{self.path} exists but is not a readable embeddings .npz "
                               f"({e}); choose another --output") from None
         folder = self.store.folder
-        os.makedirs(folder)
         for key in COMPATIBLE_KEYS:
             if key in meta and key in self.store.meta and meta[key] != self.store.meta[key]:
-                shutil.rmtree(folder)
                 raise OutputError(f"{self.path} was written with {key}={meta[key]!r} but this "
                                   f"run has {key}={self.store.meta[key]!r}; use another --output")
         shards = []
@@ -322,7 +396,13 @@ class NpzOutput:
             shards = [{"embeddings": "embeddings-00000.npy", "ids": "ids-00000.npy",
                        "count": len(ids)}]
         if os.path.exists(failures_path(self.path)):
-            shutil.copyfile(failures_path(self.path), os.path.join(folder, FAILURES))
+            src = failures_path(self.path)
+
+            def copy(f) -> None:
+                with open(src, "rb") as g:
+                    shutil.copyfileobj(g, f)
+            _atomic_write(os.path.join(folder, FAILURES), copy)
+        _fsync_dir(folder)
         _write_json(os.path.join(folder, MANIFEST),
                     {"format": FORMAT, "version": VERSION, **meta, "shards": shards})
         self._imported = True
@@ -348,6 +428,4 @@ class NpzOutput:
         trash = f"{store.folder}.done-{os.getpid()}"
         os.replace(store.folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
-
-    def close_incomplete(self) -> None:
-        self.store.close(complete=False)
+        self._unlock()

@@ -4,7 +4,9 @@ Memory stays bounded whatever the collection size: a daemon thread enumerates in
 chunk at a time (de-duplicating against the ids already done), two producers read the
 files of a chunk on a thread pool and cut them into batches, and at most `concurrency`
 requests are in flight while the next batches are being read. Inputs of similar byte
-length go together (less zero padding), and a request's padded size is capped.
+length go together (less zero padding), and a request's padded size is capped. Inputs
+the sender deferred (failed alone while other requests were in flight) are re-read and
+re-sent at the end, one at a time.
 """
 from __future__ import annotations
 
@@ -200,6 +202,15 @@ async def run(inputs: Iterable, seen: IdSet, sink: Sink, sender: Sender, opts: O
             for _ in range(producers):
                 tg.create_task(producer())
             tg.create_task(dispatch(tg))
+        # Inputs that failed alone while other requests were in flight: the error may have
+        # been a batch-mate's (DALI fails a whole formed batch). Each again, read afresh,
+        # one at a time with nothing else in flight; their verdicts are final.
+        for id_ in sender.take_deferred():
+            x = await loop.run_in_executor(pool, load_item, id_, None, opts)
+            if isinstance(x, str):
+                sink.failure(id_, x)
+            else:
+                await sender.send([x])
     except BaseExceptionGroup as group:
         raise _first(group) from None
     finally:

@@ -22,6 +22,7 @@ that cannot be listed, a pattern that matched nothing). Rules:
 from __future__ import annotations
 
 import glob
+import io
 import os
 import stat
 import sys
@@ -169,8 +170,16 @@ def iter_inputs(args: Iterable[str], stdin: TextIO | None = None,
             pass
     for arg in args:
         if arg == "-":
-            for line in _lines(stdin if stdin is not None else sys.stdin):
-                yield line, None
+            if stdin is not None:
+                yield from ((line, None) for line in _lines(stdin))
+                continue
+            # bytes as given, like list files: a non-UTF-8 path must not stop the run
+            text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+            try:
+                for line in _lines(text):
+                    yield line, None
+            finally:
+                text.detach()  # leave sys.stdin open
         elif is_list_file(arg):
             try:
                 with open(list_path(arg), encoding="utf-8", errors="surrogateescape") as f:

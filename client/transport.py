@@ -8,13 +8,21 @@ system shared memory.
   `give_up_after` seconds, `GiveUp` is raised.
 - `Sender.send(items)`: one request per batch. INVALID_ARGUMENT ("bad image: ...") means
   an input is at fault: the batch is split (at the row the server names when it does,
-  else in halves) until the bad input stands alone, which then becomes a failure with
-  the server's reason (after one confirming retry, since some servers fail a whole formed
-  batch for one bad image). Other server errors (INTERNAL...) split the same way; a
-  single input still failing after 5 tries over ~15 s becomes a failure. Errors of a
-  server that is stopping or loading its models count as transport trouble.
+  else in halves) until the bad input stands alone. Other server errors (INTERNAL...)
+  split the same way. Errors of a server that is stopping or loading its models count as
+  transport trouble.
+- A lone input that still fails gets a verdict only once it is confirmed in isolation:
+  the gpu target (DALI) fails a whole dynamically formed batch for one bad image, so a
+  good input batched beside a bad one gets the bad one's error, again and again while
+  other requests are in flight. With `defer=True` (embed.py) such inputs are set aside
+  (`deferred`, ids only) and re-checked at the end of the run one at a time with nothing
+  else in flight (`pipeline.run`): a rejection is final after one confirming retry, any
+  other error after 5 tries over ~15 s. Only a row the server itself named ("item N of
+  the request", a per-request verdict) and rejected again alone is final at once.
 - `ShmSlots`: with `--shared-memory system`, one input and one output region per request
-  slot, registered lazily with each server and again after it restarts.
+  slot, registered lazily with each server and again after it restarts. A slot whose
+  request ended without a clean answer (timeout, lost connection, cancellation) is
+  retired, never reused: the server may still read or write its regions.
 """
 from __future__ import annotations
 
@@ -122,7 +130,6 @@ class Endpoint:
         self.probing = False
         self.inflight = 0
         self.picks = 0
-        self.answers = 0
         self.last_error = ""
 
 
@@ -179,7 +186,7 @@ class Endpoints:
             if ok:
                 if not ep.up:
                     self.on_change(f"{ep.url} answers again")
-                ep.up, ep.fails, ep.answers = True, 0, ep.answers + 1
+                ep.up, ep.fails = True, 0
                 self.last_answer = max(self.last_answer, now)
             else:
                 ep.fails += 1
@@ -216,6 +223,38 @@ class Endpoints:
 
 # --- shared memory ----------------------------------------------------------------------
 
+SHM_PREFIX = "sscd_embed_"
+_REGION = re.compile(re.escape(SHM_PREFIX) + r"(\d+)_[0-9a-f]{6}_\d+_\d+_(?:in|out)")
+
+
+def remove_stale_regions(folder: str = "/dev/shm") -> list[str]:
+    """Remove regions that a killed embed.py left behind: names of this tool's pattern
+    whose process (the pid in the name) no longer exists. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _REGION.fullmatch(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # alive: in use
+        except ProcessLookupError:
+            pass
+        except OSError:  # (PermissionError) alive, another user's
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
 class _Slot:
     def __init__(self, index: int):
         self.index = index
@@ -237,9 +276,13 @@ class ShmSlots:
         self.headers = headers
 
         self.shm = shm
-        self.prefix = prefix or f"sscd_embed_{os.getpid()}_{random.getrandbits(24):06x}"
+        if prefix is None:
+            remove_stale_regions()
+            prefix = f"{SHM_PREFIX}{os.getpid()}_{random.getrandbits(24):06x}"
+        self.prefix = prefix
         self._free: asyncio.Queue = asyncio.Queue()
         self._slots = [_Slot(i) for i in range(count)]
+        self._retired: list[tuple[str, set[str]]] = []  # (region name, urls holding it)
         for s in self._slots:
             self._free.put_nowait(s)
 
@@ -248,6 +291,24 @@ class ShmSlots:
 
     def release(self, slot: _Slot) -> None:
         self._free.put_nowait(slot)
+
+    def retire(self, slot: _Slot) -> None:
+        """Never reuse `slot`'s regions: its request ended without a clean answer (timeout,
+        lost connection, cancellation), so a server may still read the input or write the
+        output there, into the next request's data. Our mappings are destroyed (the names
+        unlinked; a server's own mapping stays valid until it unregisters), the names are
+        unregistered at `close`, and a fresh slot with new names takes its place."""
+        for name, handle, _ in slot.regions.values():
+            if slot.registered:
+                self._retired.append((name, set(slot.registered)))
+            try:
+                self.shm.destroy_shared_memory_region(handle)
+            except Exception:
+                pass
+        fresh = _Slot(slot.index)
+        fresh.gen = slot.gen  # `prepare` counts on: the new regions get new names
+        self._slots[slot.index] = fresh
+        self._free.put_nowait(fresh)
 
     def forget(self, url: str) -> None:
         """The server at `url` lost its registrations (restart): register again on use."""
@@ -299,6 +360,15 @@ class ShmSlots:
             slot.registered.add(ep.url)
 
     async def close(self, endpoints: list[Endpoint]) -> None:
+        for name, urls in self._retired:
+            for ep in endpoints:
+                if ep.url in urls:
+                    try:
+                        await asyncio.wait_for(ep.client.unregister_system_shared_memory(
+                            name, headers=self.headers), 5)
+                    except (Exception, asyncio.TimeoutError):
+                        pass
+        self._retired = []
         for slot in self._slots:
             try:
                 await asyncio.wait_for(self._unregister_everywhere(slot, endpoints), 5)
@@ -346,7 +416,7 @@ class Sender:
                  on_result: Callable[[list[str], np.ndarray], None],
                  on_failure: Callable[[str, str], None], timeout: float = 300.0,
                  slots: ShmSlots | None = None, reject_retries: int = 1,
-                 error_retries: int = 4, headers: dict | None = None):
+                 error_retries: int = 4, headers: dict | None = None, defer: bool = False):
         self.endpoints = endpoints
         self.model = model
         self.input_name = input_name
@@ -358,6 +428,10 @@ class Sender:
         self.reject_retries = reject_retries
         self.error_retries = error_retries
         self.headers = headers
+        # Set lone failures aside (their ids) instead of judging them while other requests
+        # are in flight; `take_deferred` hands them over for the re-check in isolation.
+        self.defer = defer
+        self.deferred: list[str] = []
         self.max_rows = 0  # learnt from the server when its config could not be read
         self.requests = 0
         self.splits = 0
@@ -375,6 +449,7 @@ class Sender:
         else:
             out_bytes = len(arr) * self.dims * 4
             slot = await self.slots.acquire()
+            in_use = False  # a request on the slot's regions may still run on a server
             try:
                 await self.slots.prepare(slot, ep, self.endpoints.all, arr.nbytes, out_bytes)
                 in_name, in_handle, _ = slot.regions["in"]
@@ -382,12 +457,22 @@ class Sender:
                 self.slots.shm.set_shared_memory_region(in_handle, [arr])
                 inp.set_shared_memory(in_name, arr.nbytes)
                 out.set_shared_memory(out_name, out_bytes)
-                await ep.client.infer(self.model, [inp], outputs=[out],
-                                      client_timeout=self.timeout, headers=self.headers)
+                in_use = True
+                try:
+                    await ep.client.infer(self.model, [inp], outputs=[out],
+                                          client_timeout=self.timeout, headers=self.headers)
+                except InferenceServerException as e:
+                    # a clean answer refusing the request: the server is done with it
+                    in_use = classify(e) not in (REJECT, SHM, RESTRICTED)
+                    raise
+                in_use = False
                 emb = np.array(self.slots.shm.get_contents_as_numpy(
                     out_handle, np.float32, [len(arr), self.dims]))
             finally:
-                self.slots.release(slot)
+                if in_use:
+                    self.slots.retire(slot)
+                else:
+                    self.slots.release(slot)
         if emb is None or emb.shape != (len(arr), self.dims):
             raise InferenceServerException(
                 f"the server returned {None if emb is None else emb.shape} descriptors for "
@@ -429,7 +514,9 @@ class Sender:
             await self.endpoints.report(ep, True)
             return emb
 
-    async def send(self, items: list[Item]) -> None:
+    async def send(self, items: list[Item], named: bool = False) -> None:
+        """Deliver every item of `items` to `on_result`, `on_failure` or `deferred`.
+        `named`: `items` is the one row a server named in a rejected request of several."""
         if self.max_rows and len(items) > self.max_rows:
             for k in range(0, len(items), self.max_rows):
                 await self.send(items[k:k + self.max_rows])
@@ -445,8 +532,16 @@ class Sender:
             return
         if len(items) > 1:
             self.splits += 1
+            m = _ITEM.search(outcome.message) if outcome.kind == REJECT else None
+            bad = items[int(m.group(1))] if m and int(m.group(1)) < len(items) else None
             for part in split(items, outcome.message):
-                await self.send(part)
+                await self.send(part, named=len(part) == 1 and part[0] is bad)
+            return
+        if outcome.kind == REJECT and named:  # rejected by row, then alone: confirmed
+            self.on_failure(items[0].id, reason(outcome, 2))
+            return
+        if self.defer:  # maybe a batch-mate's error (DALI): re-checked alone at the end
+            self.deferred.append(items[0].id)
             return
         retries = self.reject_retries if outcome.kind == REJECT else self.error_retries
         for n in range(retries):
@@ -458,11 +553,17 @@ class Sender:
                 return
         self.on_failure(items[0].id, reason(outcome, 1 + retries))
 
+    def take_deferred(self) -> list[str]:
+        """The deferred ids, for re-sending one at a time with nothing else in flight;
+        from now on every lone failure is judged at once."""
+        ids, self.deferred, self.defer = self.deferred, [], False
+        return ids
+
 
 def reason(r: Rejection, tries: int) -> str:
     """A failure reason for a person, from the server's message."""
     msg = r.message
     if r.kind == REJECT:
-        msg = msg[len("bad image: "):] if msg.startswith("bad image: ") else msg
+        msg = msg[len(spec.BAD_IMAGE_PREFIX):] if msg.startswith(spec.BAD_IMAGE_PREFIX) else msg
         return f"the server rejected it as a bad image: {msg}"
     return f"the server failed on it ({tries} tries): {msg}"

@@ -53,7 +53,7 @@ def infer_ensemble(client, encoded: list[bytes]) -> np.ndarray:
 
     out = []
     for data in encoded:
-        arr = np.frombuffer(data, np.uint8)[None]
+        arr = images.pack_rows([data])
         inp = grpcclient.InferInput(spec.ENSEMBLE_INPUT, list(arr.shape), "UINT8")
         inp.set_data_from_numpy(arr)
         out.append(client.infer(spec.ENSEMBLE_NAME, [inp]).as_numpy(spec.ENSEMBLE_OUTPUT))

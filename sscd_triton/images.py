@@ -74,6 +74,15 @@ def load_tensor(data: bytes, preprocess: spec.Preprocess,
     return to_tensor(img, preprocess)
 
 
+def pack_rows(encoded: list[bytes]) -> np.ndarray:
+    """Several encoded files as one request tensor: uint8 `[B, max length]`, zero-padded
+    (the ensemble's input convention; decoders ignore trailing bytes of complete files)."""
+    out = np.zeros((len(encoded), max(len(b) for b in encoded)), np.uint8)
+    for i, b in enumerate(encoded):
+        out[i, : len(b)] = np.frombuffer(b, np.uint8)
+    return out
+
+
 def encode(img: Image.Image, fmt: str, **params) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **params)

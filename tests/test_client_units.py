@@ -128,6 +128,7 @@ def test_shard_store_resume_ignores_partial_writes(tmp_path):
         f.write(b'{"id": "tor')
     np.save(os.path.join(d, "ids-00001.npy"), np.array(["zzz"]))
     open(os.path.join(d, "embeddings-00002.npy.tmp"), "wb").close()
+    s._unlock()  # the "killed" process's lock went with it
     s2 = outio.ShardStore(d, {**META, "urls": ["u:2"]}, shard_size=3).open()
     done = [i for chunk in s2.done_ids() for i in chunk]
     assert sorted(done) == ["a", "b", "bad", "c", "d"]
@@ -168,6 +169,45 @@ def test_npz_output_assembles_and_reopens(tmp_path):
     assert list(outio.load_embeddings(path)[0]) == ["a", "b", "c", "d"]
 
 
+def test_one_writer_per_output(tmp_path):
+    d = str(tmp_path / "out")
+    first = outio.ShardStore(d, META).open()
+    with pytest.raises(outio.OutputError, match=f"another embed.py is writing {d}"):
+        outio.ShardStore(d, META).open()
+    first.close(complete=True)
+    outio.ShardStore(d, META).open().close(complete=True)  # free again once closed
+    path = str(tmp_path / "e.npz")
+    out = outio.NpzOutput(path, META)
+    out.open().add(["a"], _emb(1))
+    with pytest.raises(outio.OutputError, match=f"another embed.py is writing {path}"):
+        outio.NpzOutput(path, META).open()
+    out.finalize()
+    out2 = outio.NpzOutput(path, META)
+    out2.open()
+    out2.finalize()
+    assert list(outio.load_embeddings(path)[0]) == ["a"]
+
+
+def test_npz_import_cut_short_is_redone(tmp_path, monkeypatch):
+    path = str(tmp_path / "e.npz")
+    out = outio.NpzOutput(path, META)
+    out.open().add(["a", "b"], _emb(2))
+    out.finalize()
+    real = outio._write_json
+
+    def crash(p, doc):
+        if p.endswith(outio.MANIFEST):
+            raise OSError("disk full")
+        real(p, doc)
+
+    monkeypatch.setattr(outio, "_write_json", crash)
+    with pytest.raises(OSError, match="disk full"):  # shards written, no manifest
+        outio.NpzOutput(path, META).open()
+    monkeypatch.setattr(outio, "_write_json", real)
+    store = outio.NpzOutput(path, META).open()
+    assert sorted(i for c in store.done_ids() for i in c) == ["a", "b"]
+
+
 # --- transport: splitting, retries, give-up (fake servers) -------------------------------
 
 class FakeResult:
@@ -181,16 +221,33 @@ class FakeResult:
 class FakeClient:
     """Rows starting with 0xEE are bad images; `down` makes every call UNAVAILABLE."""
 
-    def __init__(self, url, hint=True, down=False, flaky=0, max_rows=64):
+    def __init__(self, url, hint=True, down=False, flaky=0, max_rows=64, poison=None):
         self.url, self.hint, self.down, self.flaky = url, hint, down, flaky
         self.max_rows = max_rows
+        self.poison = dict(poison or {})  # value -> how many more requests holding it fail
         self.calls = []
+        self.inflight = 0
+        self.seen = []  # (first byte, whether no other request was in flight) per request
 
     async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
-        await asyncio.sleep(0)
+        self.inflight += 1
+        try:
+            first = int(np.frombuffer(inputs[0]._get_content(), np.uint8)[0])
+            self.seen.append((first, self.inflight == 1))
+            await asyncio.sleep(0.001)
+            return self._infer(inputs)
+        finally:
+            self.inflight -= 1
+
+    def _infer(self, inputs):
         inp = inputs[0]
         rows = np.frombuffer(inp._get_content(), np.uint8).reshape(inp.shape())
         self.calls.append(len(rows))
+        for row in rows:  # DALI: a bad batch-mate fails the whole formed batch, unnamed
+            if self.poison.get(row[0], 0) > 0:
+                self.poison[row[0]] -= 1
+                raise InferenceServerException("in ensemble 'sscd', bad image: corrupt data",
+                                               status="StatusCode.INVALID_ARGUMENT")
         if self.down or self.flaky > 0:
             self.flaky -= 1
             raise InferenceServerException("failed to connect to all addresses",
@@ -243,6 +300,37 @@ def test_rejected_batch_is_split_until_bad_inputs_stand_alone(hint):
     assert sender.splits >= 2 and client.calls[0] == 8
 
 
+def test_lone_failures_are_rechecked_alone_at_the_end(tmp_path):
+    """A good input failing beside a bad one (DALI fails a whole formed batch) is not
+    judged while other requests are in flight: it is re-checked alone at the end."""
+    values = [1, 2, 3, 0xEE, 5, 6, 7, 8]
+    paths = []
+    for k, v in enumerate(values):  # not images: each goes alone (looks_complete)
+        paths.append(str(tmp_path / f"f{k}"))
+        with open(paths[-1], "wb") as f:
+            f.write(bytes([v]) * (k + 2))
+    client = FakeClient("a:1", poison={3: 2})  # 3 fails its first two requests
+    store, progress = _ListStore(), _NoProgress()
+    sink = pipeline.Sink(store, progress)
+
+    async def go():
+        eps = transport.Endpoints(["a:1"], 5.0, (0.01, 0.05), client_factory=lambda u: client)
+        sender = transport.Sender(eps, "sscd", "image", 4, sink.result, sink.failure,
+                                  defer=True)
+        opts = pipeline.Options(batch_size=4, concurrency=4, read_threads=2)
+        return await pipeline.run([(p, None) for p in paths], IdSet(), sink, sender, opts,
+                                  progress)
+
+    stats = asyncio.run(go())
+    assert sorted(store.results) == sorted(p for p, v in zip(paths, values) if v != 0xEE)
+    assert [f[0] for f in store.failures] == [paths[3]]
+    assert store.failures[0][1] == "the server rejected it as a bad image: not an image: junk"
+    # the re-checks (3 twice, then the bad one twice) ran with nothing else in flight
+    last = client.seen[-4:]
+    assert sorted(v for v, _ in last) == [3, 3, 0xEE, 0xEE] and all(a for _, a in last)
+    assert stats.inputs == 8
+
+
 def test_learns_max_batch_size_from_the_server():
     client = FakeClient("a:1", max_rows=3)
     results, failures, sender = _run_sender([client], _items(list(range(1, 9))))
@@ -289,7 +377,9 @@ def test_centering_and_pca_whitening():
     train = postprocess.l2_normalize(rng.standard_normal((500, 16)) * np.linspace(0.1, 3, 16) + 2)
     c = postprocess.Centering.fit(train)
     assert np.allclose(np.linalg.norm(c(train), axis=1), 1, atol=1e-5)
-    assert abs(float(c(train).mean(axis=0) @ c.mean)) < np.linalg.norm(c.mean)
+    assert np.allclose(c.mean, train.mean(axis=0), atol=1e-6)
+    # centred and re-normalised, the training set's mean all but vanishes
+    assert np.linalg.norm(c(train).mean(axis=0)) < 0.1 * np.linalg.norm(train.mean(axis=0))
     w = postprocess.PCAWhitening.fit(train, 8)
     z = (train - w.mean) @ w.projection
     assert np.allclose(np.cov(z.T, bias=True), np.eye(8), atol=1e-3)  # whitened
@@ -362,6 +452,9 @@ def _pipeline(inputs, tmp_path, seen=None):
         async def send(self, batch):
             sink.result([i.id for i in batch], np.zeros((len(batch), 4), np.float32))
 
+        def take_deferred(self):
+            return []
+
     opts = pipeline.Options(batch_size=3, concurrency=2, read_threads=2)
     stats = asyncio.run(pipeline.run(inputs, seen or IdSet(), sink, EchoSender(), opts, progress))
     return store, stats, progress
@@ -389,3 +482,89 @@ def test_enumeration_errors_stop_the_run(tmp_path):
 
     with pytest.raises(OSError, match="stdin went away"):
         _pipeline(broken(), tmp_path)
+
+
+# --- shared memory: retired slots, stale regions -----------------------------------------
+
+class FakeShmClient:
+    """Maps regions at registration, as Triton does. The first request times out, and
+    its late output lands in its output region after the second request's own."""
+
+    def __init__(self):
+        self.maps, self.unregistered, self.used = {}, [], []
+        self.late = None
+
+    async def register_system_shared_memory(self, name, key, size, headers=None):
+        import mmap
+
+        with open("/dev/shm" + key, "r+b") as f:
+            self.maps[name] = mmap.mmap(f.fileno(), size)
+
+    async def unregister_system_shared_memory(self, name, headers=None):
+        self.unregistered.append(name)
+        m = self.maps.pop(name, None)
+        if m is not None:
+            m.close()
+
+    async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
+        inp, out = inputs[0], outputs[0]
+        in_name = inp._input.parameters["shared_memory_region"].string_param
+        out_name = out._output.parameters["shared_memory_region"].string_param
+        self.used.append((in_name, out_name))
+        rows = np.frombuffer(self.maps[in_name], np.uint8, count=int(np.prod(inp.shape())))
+        rows = rows.reshape(inp.shape())
+        if self.late is None:
+            self.late = out_name
+            raise InferenceServerException("Deadline Exceeded",
+                                           status="StatusCode.DEADLINE_EXCEEDED")
+        emb = np.stack([np.full(4, row[0], np.float32) for row in rows]).tobytes()
+        self.maps[out_name][:len(emb)] = emb
+        if self.late in self.maps:  # the timed-out request finishes now
+            self.maps[self.late][:len(emb)] = b"\xff" * len(emb)
+        return None
+
+    async def close(self):
+        pass
+
+
+def test_timed_out_shm_slot_is_retired():
+    client, results = FakeShmClient(), {}
+
+    async def go():
+        eps = transport.Endpoints(["a:1"], 5.0, (0.01, 0.05), client_factory=lambda u: client)
+        slots = transport.ShmSlots(1)
+        sender = transport.Sender(eps, "sscd", "image", 4,
+                                  lambda ids, e: results.update(zip(ids, e[:, 0])),
+                                  lambda i, r: None, slots=slots)
+        await sender.send(_items([1, 2, 3]))
+        await slots.close(eps.all)
+        return slots.prefix
+
+    prefix = asyncio.run(go())
+    assert results == {"id0": 1, "id1": 2, "id2": 3}  # not the late request's bytes
+    (in1, out1), (in2, out2) = client.used
+    assert in1 != in2 and out1 != out2  # the timed-out slot's regions were never reused
+    assert {in1, out1} <= set(client.unregistered)  # unregistered at close
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+def test_stale_regions_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = [f"sscd_embed_{dead.pid}_0a1b2c_0_1_in", f"sscd_embed_{os.getpid()}_0a1b2c_0_1_in",
+             f"sscd_embed_{dead.pid}_note.txt", "other_region"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    assert transport.remove_stale_regions(str(tmp_path)) == [names[0]]
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
+
+
+def test_stdin_paths_that_are_not_utf8(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a\xff.jpg\nb.jpg\n")))
+    assert list(sources.iter_inputs(["-"])) == [("a\udcff.jpg", None), ("b.jpg", None)]
+    assert not sys.stdin.closed

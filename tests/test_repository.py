@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from export import build_repository, checkpoints, repository, serve_check
-from sscd_triton import images, parity, samples, spec
+from sscd_triton import images, samples, spec
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 LAYOUTS = [repository.Layout(target=t, preprocess=p, plan=plan)
@@ -94,10 +94,7 @@ def served(ckpts, tmp_path_factory):
 def _request(client, rows: list[bytes], model=spec.ENSEMBLE_NAME):
     import tritonclient.grpc as grpcclient
 
-    width = max(len(r) for r in rows)
-    arr = np.zeros((len(rows), width), np.uint8)
-    for i, r in enumerate(rows):
-        arr[i, : len(r)] = np.frombuffer(r, np.uint8)
+    arr = images.pack_rows(rows)
     inp = grpcclient.InferInput(spec.ENSEMBLE_INPUT, list(arr.shape), "UINT8")
     inp.set_data_from_numpy(arr)
     return client.infer(model, [inp]).as_numpy(spec.OUTPUT_NAME)
