@@ -190,7 +190,18 @@ def load_failures(path: str) -> list[dict]:
 
 # --- writing ----------------------------------------------------------------------------
 
-class ShardStore:
+class _HoldsLock:
+    """Owner of the output's advisory lock (see `lock_output`)."""
+
+    _lock_fd: int | None = None
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+class ShardStore(_HoldsLock):
     """A sharded output folder being written, resumable after any crash."""
 
     def __init__(self, folder: str, meta: dict, shard_size: int = 10000,
@@ -220,11 +231,6 @@ class ShardStore:
         except BaseException:
             self._unlock()
             raise
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     def _open(self) -> "ShardStore":
         os.makedirs(self.folder, exist_ok=True)
@@ -330,7 +336,7 @@ class ShardStore:
         self._unlock()
 
 
-class NpzOutput:
+class NpzOutput(_HoldsLock):
     """`OUT.npz` written through the sharded work folder `OUT.npz.partial/`."""
 
     def __init__(self, path: str, meta: dict, shard_size: int = 10000,
@@ -367,11 +373,6 @@ class NpzOutput:
                 pass
             self._unlock()
             raise
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     def _import_finished(self) -> None:
         """A finished .npz given again: continue from it (only new inputs get embedded).
