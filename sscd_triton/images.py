@@ -26,13 +26,29 @@ class ImageError(ValueError):
     """An input that is not a decodable image; the message says why, for a person."""
 
 
+def trim_padding(data: bytes) -> bytes:
+    """Drop the zero padding that packs files of different lengths into one request.
+
+    Decoders would read it as image data: a truncated JPEG followed by zeros decodes as a
+    half-grey image instead of failing. JPEG, PNG and GIF never end in a zero byte and a
+    WebP's RIFF header gives its length, so for them the padding can be told from the
+    file; BMP and TIFF cannot, and are best sent one per request.
+    """
+    if data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:4] == b"GIF8":
+        return data.rstrip(b"\0")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data[: 8 + int.from_bytes(data[4:8], "little")]
+    return data
+
+
 def decode(data: bytes, max_pixels: int = spec.MAX_IMAGE_PIXELS) -> Image.Image:
     """Encoded bytes -> RGB PIL image, refusing oversized images before decoding them.
 
     Animated images give their first frame; EXIF orientation is ignored, as upstream.
     """
+    data = trim_padding(data)
     if len(data) == 0:
-        raise ImageError("empty input: zero bytes")
+        raise ImageError("empty input: no bytes (or only zero padding)")
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:

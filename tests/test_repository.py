@@ -259,6 +259,13 @@ def test_good_requests_survive_bad_batch_mates_and_server_stays_ready(served):
     from tritonclient.utils import InferenceServerException
     with pytest.raises(InferenceServerException, match="item 1 of the request"):
         _request(client, [good[0], b"not an image at all"])
+    # Zero padding after a short truncated file must not turn it into a decodable image
+    # (PIL decodes this cut JPEG followed by 1.4 MB of zeros as a 600x400 picture).
+    big = images.encode(_photo(8), "PNG")
+    cut = images.encode(_photo(1), "JPEG")[:4000]
+    assert len(big) > 1_000_000
+    with pytest.raises(InferenceServerException, match="item 1 of the request.*truncated"):
+        _request(client, [big, cut])
     ref = serve_check.reference_descriptors(model, good, spec.PREPROCESS["square320"])
     for (kind, result), job in zip(results, jobs):
         if kind == "good":
