@@ -10,6 +10,7 @@ ONNX Runtime. Exit status: 0 ok, 1 a parity bound failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -38,6 +39,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def plan_problems(plan: str, max_batch: int, preprocess: spec.Preprocess) -> list[str]:
+    """What contradicts serving `plan` here, read from the report build_tensorrt.py wrote
+    beside it (a plan file itself cannot be read without TensorRT and a GPU)."""
+    report_path = plan + ".parity.json"
+    try:
+        with open(report_path) as f:
+            report = json.load(f)
+        lo, _, hi = report["profile"]
+    except (OSError, ValueError, KeyError):
+        return [f"--plan {plan}: no readable {os.path.basename(report_path)} beside it; build "
+                "plans with export/build_tensorrt.py, which records the profile to check"]
+    problems = []
+    if not report.get("passed", False):
+        problems.append(f"--plan {plan}: its parity report says a check failed ({report_path})")
+    if hi[0] < max_batch:
+        problems.append(f"--max-batch {max_batch} exceeds the plan's profile (batch <= {hi[0]}); "
+                        f"pass --max-batch {hi[0]} or rebuild the plan")
+    sizes = [preprocess.size] if preprocess.square else []
+    for side in sizes:
+        if not (lo[2] <= side <= hi[2] and lo[3] <= side <= hi[3]):
+            problems.append(f"the plan's profile ({lo[2]}x{lo[3]}..{hi[2]}x{hi[3]}) does not "
+                            f"take {preprocess.name}'s {side}x{side} tensors")
+    return problems
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     precision = args.precision
@@ -51,6 +77,8 @@ def main(argv=None) -> int:
         err = f"--plan {args.plan}: no such file"
     elif args.max_pixels < 1:
         err = f"--max-pixels {args.max_pixels}: must be >= 1"
+    elif args.plan:
+        err = "; ".join(plan_problems(args.plan, max_batch, spec.PREPROCESS[args.preprocess]))
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
+import json
 import os
 import re
 import struct
@@ -64,6 +65,26 @@ def test_gpu_repository_builds_here_except_the_plan(ckpts, tmp_path):
     assert (out / spec.DESCRIPTOR_MODEL / "1" / "model.onnx").stat().st_size > 0
     cfg = repository.parse_pbtxt((out / spec.DESCRIPTOR_MODEL / "config.pbtxt").read_text())
     assert list(cfg.input[0].dims) == [3, 320, 320] and cfg.backend == "onnxruntime"
+
+
+def test_a_plan_is_checked_against_the_repository(tmp_path, capsys):
+    plan = tmp_path / "sscd.plan"
+    plan.write_bytes(b"engine")
+    args = ["--target", "gpu", "--plan", str(plan), "--configs-only", "--output", str(tmp_path / "r")]
+    assert build_repository.main(args) == 2
+    assert "no readable sscd.plan.parity.json" in capsys.readouterr().err
+    report = {"passed": True, "profile": [[1, 3, 320, 320], [32, 3, 320, 320], [32, 3, 320, 320]]}
+    (tmp_path / "sscd.plan.parity.json").write_text(json.dumps(report))
+    assert build_repository.main(args + ["--max-batch", "64"]) == 2
+    assert "exceeds the plan's profile (batch <= 32)" in capsys.readouterr().err
+    assert build_repository.main(args + ["--max-batch", "32", "--preprocess", "short288"]) == 0
+    assert build_repository.main(args + ["--max-batch", "32"]) == 0
+    cfg = repository.parse_pbtxt((tmp_path / "r" / spec.DESCRIPTOR_MODEL / "config.pbtxt").read_text())
+    assert cfg.backend == "tensorrt" and cfg.max_batch_size == 32
+    report["profile"][2] = [32, 3, 288, 288]
+    (tmp_path / "sscd.plan.parity.json").write_text(json.dumps(report))
+    assert build_repository.main(args + ["--max-batch", "32"]) == 2
+    assert "does not take square320's 320x320" in capsys.readouterr().err
 
 
 def test_bad_build_arguments_exit_2(tmp_path, capsys):
