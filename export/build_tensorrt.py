@@ -1,11 +1,15 @@
 """Build a TensorRT plan from an SSCD ONNX graph and print its parity report against PyTorch.
 
-    python export/build_tensorrt.py --onnx runs/sscd.onnx --output runs/sscd.plan \\
-        --checkpoint sscd_disc_mixup.torchscript.pt --precision fp16 --size 320
+    python export/export_onnx.py --checkpoint CKPT --output runs/sscd16.onnx --precision fp16
+    python export/build_tensorrt.py --onnx runs/sscd16.onnx --output runs/sscd.plan \\
+        --checkpoint CKPT --size 320 --timing-cache runs/trt.cache
     python export/build_tensorrt.py --onnx runs/sscd.onnx --min-size 224 --opt-size 288x384 \\
-        --max-size 512 --timing-cache runs/trt.cache
+        --max-size 512
 
-Needs TensorRT (8.6 or 10) and a CUDA GPU; a plan runs only on the GPU model and
+The plan's precision is its ONNX's (a strongly typed network, the only kind TensorRT 11
+builds): the fp16 ONNX gives an fp16 plan with GeM, the Linear and L2 in fp32, the fp32
+ONNX an fp32 plan with TF32 off. `--precision` defaults to that; naming the other one is
+refused. Needs TensorRT 10 or 11 and a CUDA GPU; a plan runs only on the GPU model and
 TensorRT version that built it. Exit status: 0 ok, 1 a parity check failed, 2 bad input
 (checked before TensorRT is looked for), 3 TensorRT or GPU unavailable (no plan written).
 Details: export/tensorrt_plan.py.
@@ -32,12 +36,14 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--onnx", required=True, help="graph from export/export_onnx.py (the fp32 one)")
+    p.add_argument("--onnx", required=True, help="graph from export/export_onnx.py (its "
+                   "--precision fp16 output for an fp16 plan)")
     p.add_argument("--output", help="the .plan to write (default: --onnx with .plan)")
     p.add_argument("--checkpoint", help="the checkpoint the ONNX came from, for parity against "
                    "PyTorch (without it parity is skipped)")
-    p.add_argument("--precision", choices=tp.PRECISIONS, default="fp16",
-                   help="fp16: half-precision trunk, GeM/Linear/L2 pinned to fp32")
+    p.add_argument("--precision", choices=("auto", *tp.PRECISIONS), default="auto",
+                   help="auto (default): the ONNX's. fp16 needs the ONNX from export_onnx.py "
+                   "--precision fp16 (fp16 trunk, fp32 GeM/Linear/L2); fp32 the fp32 ONNX")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=64)
@@ -55,26 +61,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Prepared:
     model: onnx.ModelProto
     shapes: tp.Profile
-    island: tp.Island | None
+    precision: str  # the ONNX's: "fp32" or "fp16"
     loaded: checkpoints.Loaded | None
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Every input check, before TensorRT is imported; raises InputError naming the flag."""
     model = tp.load_onnx(args.onnx)
+    precision = tp.resolve_precision(args.precision, model, args.onnx)
     args.output = args.output or os.path.splitext(args.onnx)[0] + ".plan"
     tp.check_paths(args.onnx, args.output, args.timing_cache)
     if not args.workspace_gib > 0:
         raise tp.InputError(f"--workspace-gib {args.workspace_gib}: must be > 0")
     shapes = tp.profile_shapes(args)
     tp.check_profile(shapes, model, args.onnx)
-    island = None
-    if args.precision == "fp16":
-        try:
-            island = tp.fp32_island(model)
-        except ValueError as e:
-            raise tp.InputError(f"--onnx {args.onnx}: {e}; cannot pin GeM and L2 to fp32 "
-                                "(use --precision fp32)") from None
     try:
         loaded = checkpoints.load(args.checkpoint) if args.checkpoint else None
     except checkpoints.CheckpointError as e:
@@ -83,10 +83,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
     if loaded and width and width != loaded.dims:
         raise tp.InputError(f"--checkpoint {args.checkpoint} gives {loaded.dims}-d descriptors "
                             f"but --onnx {args.onnx} gives {width}-d: not the same model")
-    return Prepared(model, shapes, island, loaded)
+    return Prepared(model, shapes, precision, loaded)
 
 
-def parity(trt, engine, prep: Prepared, precision: str) -> list[Check]:
+def parity(trt, engine, prep: Prepared) -> list[Check]:
     if prep.loaded is None:
         return [Check("parity", None, "n/a: no --checkpoint (the model the ONNX came from)")]
     import torch
@@ -97,7 +97,8 @@ def parity(trt, engine, prep: Prepared, precision: str) -> list[Check]:
     if not run:
         return [Check("parity", None, note)]
     checks = validate.model_parity(tp.plan_runner(trt, engine, prep.shapes),
-                                   validate.torch_runner(prep.loaded.model), precision, static_size)
+                                   validate.torch_runner(prep.loaded.model), prep.precision,
+                                   static_size)
     for c in checks:
         if c.ok is None and note:  # small_288 skipped because of the profile, not a fixed size
             c.detail = note
@@ -121,32 +122,29 @@ def main(argv=None) -> int:
     if prep.loaded:
         report.log(f"loaded {args.checkpoint}: {prep.loaded.layout} layout, {prep.loaded.trunk}, "
                    f"{prep.loaded.dims}-d", checkpoint=args.checkpoint)
-    if tp.is_fp16_onnx(prep.model):
-        report.note("this ONNX already casts its trunk to fp16 (export_onnx --precision fp16); "
-                    "the fp32 ONNX gives TensorRT the free choice")
     try:
         built = tp.build_plan(trt, logger, builder, args.onnx, args.output, prep.shapes,
-                              args.precision, prep.island, args.timing_cache, args.workspace_gib)
+                              args.timing_cache, args.workspace_gib)
     except tp.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lo, opt, hi = prep.shapes[spec.INPUT_NAME]
     size_mb = len(built.plan) / 1e6
-    report.log(f"built {args.precision} plan with TensorRT {trt.__version__}, profile "
-               f"{list(lo)}..{list(opt)}..{list(hi)}: {built.layers} layers, {len(built.pinned)} "
-               f"pinned to fp32, {size_mb:.1f} MB in {built.seconds:.0f}s -> {args.output}",
-               onnx=args.onnx, plan=args.output, precision=args.precision,
+    report.log(f"built {prep.precision} plan (strongly typed, TF32 off) with TensorRT "
+               f"{trt.__version__}, profile {list(lo)}..{list(opt)}..{list(hi)}: {built.layers} "
+               f"layers, {size_mb:.1f} MB in {built.seconds:.0f}s -> {args.output}",
+               onnx=args.onnx, plan=args.output, precision=prep.precision,
                tensorrt=trt.__version__, profile=[list(lo), list(opt), list(hi)],
-               fp32_layers=built.pinned, build_s=round(built.seconds, 1),
+               strongly_typed=True, tf32=False, build_s=round(built.seconds, 1),
                size_mb=round(size_mb, 1), timing_cache=built.cache_note)
-    if built.pinned:
-        report.note("fp32: " + ", ".join(built.pinned))
+    if prep.precision == "fp16":
+        report.note("types from the ONNX: trunk fp16; GeM, Linear and L2 fp32 (its Cast island)")
     report.note(built.cache_note)
     runtime = trt.Runtime(logger)  # kept referenced while the engine is in use
     engine = runtime.deserialize_cuda_engine(built.plan)
     dims = prep.loaded.dims if prep.loaded else None
     report.add(tp.io_checks(trt, engine, prep.shapes, tp.declared_io(prep.model, dims)))
-    checks = parity(trt, engine, prep, args.precision)
+    checks = parity(trt, engine, prep)
     report.add(checks)
     ran = any(c.ok is not None for c in checks)
     report.log("validated the plan against PyTorch on real photographs" if ran else

@@ -1,22 +1,43 @@
-"""ONNX -> TensorRT plan with TensorRT's Python API (8.6 or 10), verified against PyTorch.
+"""ONNX -> TensorRT plan with TensorRT's Python API (10 or 11), verified against PyTorch.
 
-Input: an ONNX graph from export/export_onnx.py (give it the fp32 one: `--precision fp16`
-here lets TensorRT pick half-precision kernels for the trunk). Plan I/O is the graph's:
-`images` float32 [N, 3, H, W] -> `descriptors` float32 [N, dims]; N (and H, W unless
-fixed) range over one optimisation profile.
+Input: an ONNX graph from export/export_onnx.py. Plan I/O is the graph's: `images`
+float32 [N, 3, H, W] -> `descriptors` float32 [N, dims]; N (and H, W unless fixed) range
+over one optimisation profile.
 
-fp16 hazard (../shared/triton/NOTES.md, NVIDIA/TensorRT#1954): GeM's `clamp(x) ** 3` and
-L2 normalisation overflow in half precision. Every network layer built from an ONNX node
-after the trunk's last ReLU (`fp16.trunk_end`) is therefore pinned to fp32 with
-OBEY_PRECISION_CONSTRAINTS. The pinning logic works on plain `LayerInfo` records, so it is
-tested without TensorRT; only `build_plan` and `plan_runner` need TensorRT and a GPU.
+Strongly typed networks only. TensorRT 11 removed weak typing (the builder's reduced
+precision flags, precision constraints, per-layer precision and output types), and in 11
+every network is strongly typed: each tensor has the type the ONNX gives it. So the
+precision of a plan is the precision of its ONNX:
+  fp32  the fp32 ONNX; TF32 cleared, or the 1e-4 fp32 parity bound is missed
+  fp16  the ONNX from `export_onnx.py --precision fp16`: the trunk in half precision,
+        GeM, the Linear and L2 normalisation an explicit fp32 island behind a Cast
+        (export/fp16.py). TensorRT builds exactly those types; `half_precision_head`
+        refuses an fp16 graph whose GeM or normalisation would run in half precision
+        (`clamp(x) ** 3` overflows there, NVIDIA/TensorRT#1954).
+The pure parts (profile, graph precision, I/O expectations) are tested without TensorRT;
+only `open_builder`, `build_plan` and `plan_runner` need TensorRT and a GPU.
+
+TensorRT API used, checked in NVIDIA/TensorRT at 11.1 (python/src/infer/pyCore.cpp,
+include/NvInfer.h) and release/10.13, and in the "Removed Python APIs" page of the 11.4
+migration guide (docs.nvidia.com/deeplearning/tensorrt/11.4.0/api/migration/):
+- NetworkDefinitionCreationFlag.STRONGLY_TYPED exists in both; its value is 1 in 10.x
+  (EXPLICIT_BATCH, deprecated, is 0) and 0 in 11.x, where it is deprecated and ignored
+  (always strongly typed) and EXPLICIT_BATCH is gone. So the bit is computed from the enum.
+- Builder(logger).create_network(flags), OnnxParser(network, logger).parse_from_file,
+  num_errors/get_error, create_builder_config, set_memory_pool_limit(MemoryPoolType.
+  WORKSPACE, n), clear_flag(BuilderFlag.TF32) (TF32 "enabled by default" in 11.1's
+  NvInfer.h), create_optimization_profile/set_shape/add_optimization_profile,
+  create_timing_cache/set_timing_cache/get_timing_cache, build_serialized_network,
+  Runtime.deserialize_cuda_engine, and the runner's set_input_shape, set_tensor_address,
+  execute_async_v3: present in 10.13 and 11.1.
 
 Exit statuses of export/build_tensorrt.py:
   0  plan written; every check passed (parity shows `skip` without --checkpoint or CUDA torch)
   1  plan written; a parity check failed
   2  bad input: missing/unreadable ONNX, unwritable output or timing cache, invalid
-     profile, bad checkpoint, or an ONNX/profile that TensorRT's parser or builder rejects
-  3  TensorRT or a CUDA GPU is unavailable; no plan written
+     profile, --precision that the ONNX does not hold, bad checkpoint, or an ONNX/profile
+     that TensorRT's parser or builder rejects
+  3  TensorRT (10 or later) or a CUDA GPU is unavailable; no plan written
 """
 from __future__ import annotations
 
@@ -28,7 +49,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from export import fp16
 from export.report import Check
 from sscd_triton import samples, spec
 
@@ -118,119 +138,69 @@ def check_profile(shapes: Profile, model: onnx.ModelProto, path: str) -> None:
                              f"the profile gives {'..'.join(map(str, got))}: {hint}")
 
 
-# --- The fp32 island: ONNX side (pure) ------------------------------------------------
+# --- What the ONNX holds (pure) --------------------------------------------------------
 
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-           onnx.TensorProto.DOUBLE}
-
-
-@dataclass(frozen=True)
-class Island:
-    """What must stay fp32: everything after the trunk's output tensor `boundary`."""
-
-    boundary: str  # the trunk's last ReLU output (or, in an fp16 ONNX, its cast to fp32)
-    nodes: tuple[str, ...]  # ONNX node names (= TensorRT layer names) with float outputs
-    tensors: frozenset[str]  # every tensor the head produces or reads as a constant
+_F16 = onnx.TensorProto.FLOAT16
+# GeM (Pow, ReduceMean), the Linear (Gemm/MatMul) and L2 normalisation (ReduceL2, Div):
+# ops that overflow or lose their constants in half precision. A ResNet trunk has none.
+HEAD_OPS = ("Pow", "ReduceMean", "Gemm", "MatMul", "ReduceL2", "Div")
 
 
-def node_name(node: onnx.NodeProto) -> str:
-    # onnx-tensorrt names a layer after its node, or after its first output when unnamed.
-    return node.name or node.output[0]
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        g = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # unusual graphs: unknown types count as float (pinned, the safe side)
-        g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*g.value_info, *g.input, *g.output]}
-    types.update({i.name: i.data_type for i in g.initializer})
+def onnx_precision(model: onnx.ModelProto) -> str:
+    """"fp16" when the graph computes in half precision anywhere (fp16 weights or a Cast
+    to fp16, as export_onnx --precision fp16 writes it), else "fp32"."""
+    g = model.graph
+    if any(i.data_type == _F16 for i in g.initializer):
+        return "fp16"
     for n in g.node:
         for a in n.attribute:
-            if n.op_type == "Constant" and a.name == "value":
-                types[n.output[0]] = a.t.data_type
-    return types
+            if (n.op_type == "Cast" and a.name == "to" and a.i == _F16) or \
+                    (n.op_type == "Constant" and a.name == "value" and a.t.data_type == _F16):
+                return "fp16"
+    return "fp32"
 
 
-def _cut(graph: onnx.GraphProto) -> int:
-    """Index of the trunk's last node: its final ReLU, or that ReLU's cast to fp32 in a
-    graph from `export_onnx --precision fp16` (fp16.half_trunk inserts the cast)."""
+def is_fp16_onnx(model: onnx.ModelProto) -> bool:
+    return onnx_precision(model) == "fp16"
+
+
+def half_precision_head(model: onnx.ModelProto) -> list[str]:
+    """Names of GeM/Linear/L2 nodes (HEAD_OPS) that read an fp16 tensor: a strongly typed
+    build would run them in half precision. Empty for export_onnx's fp16 graph, whose
+    island is fp32; empty too when ONNX type inference cannot tell (no false refusals)."""
     try:
-        return fp16.trunk_end(graph)
-    except ValueError:
-        relus = [i for i, n in enumerate(graph.node) if n.op_type == "Relu"]
-        if not relus:
-            raise
-        out = graph.node[relus[-1]].output[0]
-        casts = [i for i, n in enumerate(graph.node) if out in n.input and n.op_type == "Cast"]
-        if len(casts) == 1:
-            cast_out = graph.node[casts[0]].output[0]
-            if {n.op_type for n in graph.node if cast_out in n.input} & {"Clip", "Max"}:
-                return casts[0]
-        raise
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return []
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    for n in g.node:
+        if n.op_type == "Constant":
+            types.update({n.output[0]: a.t.data_type for a in n.attribute if a.name == "value"})
+    return [n.name or n.output[0] for n in g.node
+            if n.op_type in HEAD_OPS and any(types.get(i) == _F16 for i in n.input)]
 
 
-def fp32_island(model: onnx.ModelProto) -> Island:
-    """The ONNX side of the pinning: GeM (Clip, Pow, ReduceMean, Pow), the Linear (Gemm) and
-    L2 normalisation (ReduceL2, Clip, Expand, Div); raises ValueError for a non-SSCD graph."""
-    g = model.graph
-    end = _cut(g)
-    head = list(g.node[end + 1:])
-    types = _elem_types(model)
-    inits = {i.name for i in g.initializer}
-    nodes = tuple(node_name(n) for n in head if n.op_type != "Constant"
-                  and all(types.get(o, onnx.TensorProto.FLOAT) in _FLOATS for o in n.output))
-    tensors = {o for n in head for o in n.output} | {i for n in head for i in n.input if i in inits}
-    return Island(g.node[end].output[0], nodes, frozenset(tensors))
-
-
-def fp32_layer_names(model: onnx.ModelProto) -> list[str]:
-    """Names of the TensorRT layers the ONNX parser builds for the fp32 island's nodes."""
-    return list(fp32_island(model).nodes)
-
-
-# --- The fp32 island: TensorRT side, on plain records (pure) ---------------------------
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One network layer as `network_layers` reads it from TensorRT."""
-
-    name: str
-    inputs: tuple[str, ...]  # tensor names
-    outputs: tuple[str, ...]
-    float_outputs: tuple[bool, ...]  # per output: float32/float16 (False: shape integers)
-
-
-def select_fp32_layers(layers: list[LayerInfo], island: Island, output: str = spec.OUTPUT_NAME
-                       ) -> list[int]:
-    """Indices (network order) of the layers to pin to fp32.
-
-    A layer belongs to the island when it carries an island node's name or is downstream
-    of `island.boundary`: the parser may add layers per node (a Gemm's bias add gets a
-    suffixed name) and tensor names survive parsing. Constant layers feeding only the
-    island join it, or fp16 would store GeM's 1/3 as 0.33325 and L2's eps 1e-12 as 0.
-    Layers with integer outputs (Shape, shape arithmetic) are left alone.
-    """
-    names = set(island.nodes) | island.tensors
-    reached, inside = {island.boundary}, set()
-    consumers: dict[str, set[int]] = {}
-    for i, layer in enumerate(layers):  # network order is topological
-        for t in layer.inputs:
-            consumers.setdefault(t, set()).add(i)
-        if layer.name in names or reached & set(layer.inputs):
-            inside.add(i)
-            reached.update(layer.outputs)
-    for i, layer in enumerate(layers):
-        if not layer.inputs and layer.outputs and all(
-                consumers.get(t) and consumers[t] <= inside for t in layer.outputs):
-            inside.add(i)
-    if island.boundary not in consumers:
-        raise ValueError(f"no layer reads the trunk output {island.boundary!r}: cannot place "
-                         "the fp32 island (was the network parsed from this ONNX?)")
-    if not any(output in layers[i].outputs for i in inside):
-        raise ValueError(f"the layer producing {output!r} is not downstream of the trunk")
-    return sorted(i for i in inside if all(layers[i].float_outputs))
+def resolve_precision(requested: str, model: onnx.ModelProto, path: str) -> str:
+    """The plan's precision: the ONNX's. `requested` "auto" takes it; an explicit one must
+    match it (a strongly typed build cannot change it), else InputError (exit 2)."""
+    holds = onnx_precision(model)
+    if requested not in ("auto", holds):
+        if requested == "fp16":
+            raise InputError(f"--precision fp16: --onnx {path} is an fp32 graph and TensorRT "
+                             "builds the types the ONNX holds; export the fp16 graph with "
+                             "export/export_onnx.py --precision fp16 and build from it")
+        raise InputError(f"--precision {requested}: --onnx {path} is an fp16 graph (its trunk "
+                         "runs in half precision in any plan built from it); build from the "
+                         "fp32 ONNX, or drop --precision")
+    if holds == "fp16":
+        half = half_precision_head(model)
+        if half:
+            raise InputError(f"--onnx {path} runs {', '.join(half[:4])}"
+                             f"{' ...' if len(half) > 4 else ''} in fp16, where GeM's x**3 "
+                             "overflows and L2's eps vanishes; export it with "
+                             "export/export_onnx.py --precision fp16 (fp32 GeM/Linear/L2)")
+    return holds
 
 
 # --- Inputs, checked before TensorRT is touched ---------------------------------------
@@ -275,10 +245,6 @@ def check_paths(onnx_path: str, output: str, timing_cache: str | None) -> None:
             raise InputError(f"--timing-cache {timing_cache}: not readable")
 
 
-def is_fp16_onnx(model: onnx.ModelProto) -> bool:
-    return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
-
-
 # --- TensorRT (lazy import; needs a CUDA GPU) ------------------------------------------
 
 def open_builder():
@@ -289,6 +255,9 @@ def open_builder():
         raise Unavailable(NO_TENSORRT) from None
     except (ImportError, OSError) as e:  # a wheel whose CUDA libraries do not load
         raise Unavailable(f"TensorRT does not load ({str(e).splitlines()[0]})") from None
+    if not hasattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED"):
+        raise Unavailable(f"TensorRT {getattr(trt, '__version__', '?')} is too old: plans are "
+                          "built as strongly typed networks, which need TensorRT 10 or later")
     logger = trt.Logger(trt.Logger.WARNING)
     try:
         builder = trt.Builder(logger)
@@ -301,23 +270,10 @@ def open_builder():
     return trt, logger, builder
 
 
-def network_layers(trt, network) -> list[LayerInfo]:
-    floats = {trt.float32, trt.float16} | ({trt.bfloat16} if hasattr(trt, "bfloat16") else set())
-    out = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        ins = [layer.get_input(j) for j in range(layer.num_inputs)]
-        outs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        out.append(LayerInfo(layer.name, tuple(t.name for t in ins if t is not None),
-                             tuple(t.name for t in outs), tuple(t.dtype in floats for t in outs)))
-    return out
-
-
 @dataclass
 class Built:
     plan: bytes
     layers: int  # network layers
-    pinned: list[str]  # TensorRT layer names constrained to fp32
     seconds: float
     cache_note: str
 
@@ -334,41 +290,31 @@ def _write_atomic(path: str, data) -> None:
             os.remove(tmp)
 
 
+def network_flags(trt) -> int:
+    """create_network's flags: strongly typed. The bit comes from the enum (1 in TensorRT
+    10, 0 in 11, where it is deprecated and ignored because networks are always strongly
+    typed); 10's deprecated explicit-batch flag is not used (11 removed it)."""
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
 def build_plan(trt, logger, builder, onnx_path: str, output: str, shapes: Profile,
-               precision: str, island: Island | None, timing_cache: str | None,
-               workspace_gib: float) -> Built:
-    """Parse, constrain, build and write `output` atomically; InputError if TensorRT rejects."""
-    # TensorRT 10 networks are always explicit batch (the flag is deprecated there).
-    explicit = 0 if int(trt.__version__.split(".")[0]) >= 10 else \
-        1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(explicit)
+               timing_cache: str | None, workspace_gib: float) -> Built:
+    """Parse into a strongly typed network (tensor types from the ONNX: fp32, or fp16 with
+    its fp32 island), build, write `output` atomically; InputError if TensorRT rejects."""
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.path.abspath(onnx_path)):  # reads external data beside it
         errors = [" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
         raise InputError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(errors))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    # TF32 is on by default and misses the fp32 bound (1e-4); the island must be true fp32 too.
+    # TF32 (on by default) rounds fp32 matmul/conv inputs to 10-bit mantissas: the fp32
+    # plan would miss its 1e-4 bound, and the fp16 plan's fp32 island must be true fp32.
     config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    pinned = []
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)  # not a mere preference
-        infos = network_layers(trt, network)
-        try:
-            chosen = select_fp32_layers(infos, island)
-        except ValueError as e:
-            raise InputError(f"{onnx_path}: {e}") from None
-        for i in chosen:
-            layer = network.get_layer(i)
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-            pinned.append(layer.name)
     cache_note = "no --timing-cache"
     if timing_cache:
         data = open(timing_cache, "rb").read() if os.path.exists(timing_cache) else b""
@@ -387,7 +333,7 @@ def build_plan(trt, logger, builder, onnx_path: str, output: str, shapes: Profil
         _write_atomic(timing_cache, config.get_timing_cache().serialize())
     plan = bytes(plan)
     _write_atomic(output, plan)
-    return Built(plan, network.num_layers, pinned, seconds, cache_note)
+    return Built(plan, network.num_layers, seconds, cache_note)
 
 
 def plan_runner(trt, engine, shapes: Profile):
