@@ -1,11 +1,17 @@
-"""The DALI preprocessing (export/dali_pipeline.py) against the PIL reference, on the CPU.
+"""The gpu target's preprocessing: the generated, autoserialized `dali.py`
+(export/dali_pipeline.py), checked as a file and run here on the CPU against the PIL reference.
 
-The CPU variant of the pipeline runs the same resize and normalisation as the served GPU
-one; only the decoder differs (libjpeg-turbo here, nvJPEG there). Parity is measured on
-descriptors of a random-weight SSCD, centred, as ../shared/triton/NOTES.md prescribes.
+Everything runs the very file the server loads: `run_cpu` writes `dali.py`, imports it as the
+dali_backend does and builds its pipeline with `decoder_device="cpu", device_id=None`; only
+the decoder differs from the served graph (libjpeg-turbo here, nvJPEG there).
+
+Descriptor parity uses calibrated weights (conftest.reference_model: random weights whose
+BatchNorm statistics were estimated, so activations have a trained scale), never a
+default-initialised SSCD, and the discriminative measures of ../shared/triton/NOTES.md.
 """
 from __future__ import annotations
 
+import ast
 import os
 
 import numpy as np
@@ -15,46 +21,164 @@ dali = pytest.importorskip(
     "nvidia.dali", reason="nvidia.dali is not installed (pip install nvidia-dali-cuda120); "
     "the gpu target's preprocessing is a DALI pipeline")
 torch = pytest.importorskip("torch")
-skimage = pytest.importorskip("skimage")
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
+pytest.importorskip("skimage")
+pytest.importorskip("sklearn")
 
+from conftest import reference_model  # noqa: E402
+from nvidia.dali._utils.autoserialize import _discover_autoserialize  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from export import dali_pipeline  # noqa: E402
-from export.model import SSCD  # noqa: E402
-from sscd_triton import images, parity, spec  # noqa: E402
+from sscd_triton import images, parity, samples, spec  # noqa: E402
 
-# Real photographs of varied sizes and aspects; chelsea (451x300 -> 432.96) and
-# motorcycle (741x500 -> 426.8) have long edges where truncation and rounding differ.
-SKIMAGE_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
-                 "motorcycle_left.png", "hubble_deep_field.jpg")
-SKLEARN_FILES = ("china.jpg", "flower.jpg")
 FORMATS = {"JPEG": {"quality": 95}, "PNG": {}}
+BORDER = 2  # pixels: DALI replicates edge pixels where PIL renormalises its filter taps
+
+# Pixel error of DALI (CPU) vs PIL, in uint8 levels (|difference| * 255 * std), measured on
+# the 16 samples.photographs() (DALI 2.4.0, Pillow of requirements.txt), square320/short288
+# x JPEG q95/PNG:
+# - inside the outer 2 pixels: max 1.0 (uint8 rounding: PIL rounds between its two resize
+#   passes, DALI does not; about 15% of values differ by one level);
+# - the outer 2 pixels (edge handling of the filter): max 8-10 (motorcycle_left, hubble);
+# - mean |difference| per image: max 0.185-0.200, overall mean 0.137-0.152.
+# Without antialiasing (a plausible regression) the same measures give max 110-115 inside,
+# mean 4.6-5.7: these bounds catch it.
+INTERIOR_MAX_LEVELS = 1.5
+MAX_LEVELS = 12.0
+MEAN_LEVELS = 0.25
+
+# Descriptor parity with reference_model() on the same 16 photographs and 4 combinations,
+# measured: centred cosine min 0.99595-0.99679, error/nearest ratio max 0.090-0.104, top-1
+# 16/16: within spec's RESAMPLED_* bounds (spec explains them), not the 0.999 / 0.05 of a
+# bit-exact pipeline, which the old default-initialised SSCD passed at ratio 0.012.
 
 
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
-    data_dir = os.path.join(os.path.dirname(skimage.__file__), "data")
-    out = [Image.open(os.path.join(data_dir, f)).convert("RGB") for f in SKIMAGE_FILES]
-    out += [Image.fromarray(sklearn_datasets.load_sample_image(f)) for f in SKLEARN_FILES]
-    return out
+    return [img for _, img in samples.photographs()]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return SSCD("resnet50", 512).eval()
+    return reference_model("resnet50")
 
 
 def _describe(model, tensors: list[np.ndarray]) -> np.ndarray:
     """Descriptors `[N, 512]`, one batch per distinct tensor shape (short288 shapes vary)."""
-    out = np.empty((len(tensors), model.dims), np.float32)
+    out = np.empty((len(tensors), 512), np.float32)
     with torch.inference_mode():
         for shape in {t.shape for t in tensors}:
             idx = [i for i, t in enumerate(tensors) if t.shape == shape]
             out[idx] = model(torch.from_numpy(np.stack([tensors[i] for i in idx]))).numpy()
     return out
 
+
+def _levels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| of two normalised `[3, H, W]` tensors in uint8 levels."""
+    return np.abs(a - b) * (255.0 * np.asarray(spec.STD, np.float32))[:, None, None]
+
+
+# --- the generated file ------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=list(spec.PREPROCESS))
+def generated(request, tmp_path_factory):
+    """(preprocess, max_pixels, path of the written dali.py, its source)."""
+    pre, max_pixels = spec.PREPROCESS[request.param], 12_345_678
+    path = tmp_path_factory.mktemp(pre.name) / dali_pipeline.FILENAME
+    dali_pipeline.write_dali_py(path, pre, max_pixels)
+    return pre, max_pixels, path, path.read_text()
+
+
+def _literal(tree: ast.Module, name: str):
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{name} is not assigned a literal at module level")
+
+
+def _pipeline_function(tree: ast.Module) -> ast.FunctionDef:
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    return fn
+
+
+def test_generated_file_imports_only_dali(generated):
+    # The serving image has none of this project: the file must stand alone.
+    tree = ast.parse(generated[3])
+    modules = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import"
+            modules.append(node.module)
+    assert modules and all(m == "nvidia.dali" or m.startswith("nvidia.dali.") for m in modules), modules
+    assert not any(isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("__import__", "exec", "eval")
+                   for n in ast.walk(tree))
+
+
+def test_generated_constants_are_spec(generated):
+    pre, max_pixels, _, source = generated
+    tree = ast.parse(source)
+    assert _literal(tree, "INPUT_NAME") == spec.ENSEMBLE_INPUT
+    assert _literal(tree, "SIZE") == pre.size
+    assert _literal(tree, "SQUARE") is pre.square
+    assert _literal(tree, "MEAN") == tuple(spec.MEAN)
+    assert _literal(tree, "STD") == tuple(spec.STD)
+    assert _literal(tree, "MAX_PIXELS") == max_pixels
+    assert _literal(tree, "REFUSE_OP") == dali_pipeline.REFUSE_OP
+
+
+def test_generated_pipeline_is_autoserialized_with_fancy_upsampling(generated):
+    fn = _pipeline_function(ast.parse(generated[3]))
+    assert fn.name == dali_pipeline.PIPELINE_FUNCTION
+    # Outermost first: autoserialize marks the pipeline_def (dali_backend README).
+    decorators = [ast.unparse(d) for d in fn.decorator_list]
+    assert decorators[0] == "autoserialize" and decorators[1].startswith("pipeline_def(")
+    # The backend calls the function with no arguments: the defaults are the served graph.
+    args = {a.arg: ast.literal_eval(d) for a, d in zip(fn.args.args[::-1], fn.args.defaults[::-1])}
+    assert args == {"decoder_device": "mixed"} and len(fn.args.args) == 1
+    (decode,) = [n for n in ast.walk(fn) if isinstance(n, ast.Call)
+                 and ast.unparse(n.func) == "fn.decoders.image"]
+    kw = {k.arg: ast.unparse(k.value) for k in decode.keywords}
+    assert kw["device"] == "decoder_device"
+    assert kw["jpeg_fancy_upsampling"] == "True"
+    assert kw["adjust_orientation"] == "False"
+
+
+def test_generated_file_imports_without_gpu_and_backend_finds_one_pipeline(generated):
+    # What the server's `python3 -c` does before serializing (model_provider.h): import the
+    # file, discover the @autoserialize functions. Importing builds nothing (no GPU here).
+    module = dali_pipeline.load_dali_py(generated[2])
+    found = _discover_autoserialize(module, visited=[])
+    assert found == [getattr(module, dali_pipeline.PIPELINE_FUNCTION)]
+
+
+def test_default_graph_is_the_gpu_graph(generated):
+    # The graph the backend serializes: defaults, with only the device id dropped (CUDA is
+    # absent here; the backend supplies its own). Read from DALI's built graph, not bytes.
+    pipe = getattr(dali_pipeline.load_dali_py(generated[2]), dali_pipeline.PIPELINE_FUNCTION)(
+        device_id=None)
+    pipe._build_graph()
+    ops = {}
+    for op in pipe._ops:
+        text = str(op.spec)
+        schema = text.splitlines()[0].removeprefix("OpSpec for ").rstrip(":")
+        ops[schema] = (op.spec.OutputDevice(0), text)
+    device, text = ops["decoders__Image"]
+    assert device == "gpu" and "device: mixed" in text and "jpeg_fancy_upsampling: True" in text
+    assert ops["Resize"][0] == ops["CropMirrorNormalize"][0] == "gpu"
+    assert ops["ExternalSource"][0] == ops["PeekImageShape"][0] == ops["Reshape"][0] == "cpu"
+
+
+def test_write_dali_py_replaces_atomically(tmp_path):
+    path = tmp_path / "dali.py"
+    path.write_text("stale")
+    dali_pipeline.write_dali_py(path, spec.PREPROCESS["square320"], spec.MAX_IMAGE_PIXELS)
+    assert path.read_text() == dali_pipeline.dali_py_source(spec.PREPROCESS["square320"])
+    assert os.listdir(tmp_path) == ["dali.py"]
+
+
+# --- the generated pipeline, run on the CPU, against PIL --------------------------------
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("preset", list(spec.PREPROCESS))
@@ -66,13 +190,18 @@ def test_dali_matches_pil_reference(photos, model, preset, fmt):
     for p, d, r in zip(photos, dali_t, ref_t):
         assert d.dtype == np.float32
         assert d.shape == r.shape == (3, *pre.output_hw(*p.size)), (p.size, d.shape, r.shape)
-    pixel_err = max(float(np.abs(d - r).max()) for d, r in zip(dali_t, ref_t))
+    err = [_levels(d, r) for d, r in zip(dali_t, ref_t)]
+    interior = max(float(e[:, BORDER:-BORDER, BORDER:-BORDER].max()) for e in err)
+    worst = max(float(e.max()) for e in err)
+    mean = max(float(e.mean()) for e in err)
     p = parity.measure(_describe(model, dali_t), _describe(model, ref_t))
-    print(f"\n[dali-cpu vs PIL] {preset} {fmt}: n={p.n} "
-          f"centered_cosine_min={p.centered_cosine_min:.6f} "
-          f"nearest_ratio_max={p.nearest_ratio_max:.4f} top1={p.top1}/{p.n} "
-          f"max_abs_descriptor={p.max_abs:.2e} max_abs_tensor={pixel_err:.3f}")
-    assert parity.pipeline_failures(p) == []
+    print(f"\n[dali-cpu vs PIL] {preset} {fmt}: n={p.n} levels: interior max {interior:.2f} "
+          f"max {worst:.2f} mean {mean:.3f} | centered_cosine_min={p.centered_cosine_min:.5f} "
+          f"nearest_ratio_max={p.nearest_ratio_max:.4f} top1={p.top1}/{p.n}")
+    assert interior <= INTERIOR_MAX_LEVELS
+    assert worst <= MAX_LEVELS
+    assert mean <= MEAN_LEVELS
+    assert parity.pipeline_failures(p, resampled=True) == []
 
 
 @pytest.mark.parametrize("size", [(1001, 577), (577, 1001), (451, 300), (300, 451),
@@ -119,13 +248,3 @@ def test_extreme_aspect_ratio_fails_the_batch_like_load_tensor(photos):
     assert len(dali_pipeline.run_cpu(pre, [photo], max_pixels=limit)) == 1
     with pytest.raises(RuntimeError, match="reshape"):
         dali_pipeline.run_cpu(pre, [photo, strip], max_pixels=limit)
-
-
-@pytest.mark.parametrize("preset", list(spec.PREPROCESS))
-def test_serialize_writes_model_dali(tmp_path, preset):
-    path = tmp_path / "model.dali"
-    dali_pipeline.serialize(spec.PREPROCESS[preset], 8, path)
-    blob = path.read_bytes()
-    assert len(blob) > 0
-    # The served graph: the named input and the GPU (mixed) decoder, even without a GPU here.
-    assert spec.ENSEMBLE_INPUT.encode() in blob and b"mixed" in blob
