@@ -317,7 +317,7 @@ async def run(args) -> int:
         sink = pipeline.Sink(store, progress)
         sender = transport.Sender(endpoints, args.model, info["input"], info["dims"],
                                   sink.result, sink.failure, args.timeout, slots,
-                                  headers=headers, defer=True)
+                                  headers=headers)
         inputs = sources.iter_inputs(args.inputs, exclude=[store.folder])
         task = asyncio.create_task(pipeline.run(inputs, seen, sink, sender, opts, progress))
         loop = asyncio.get_running_loop()

@@ -4,9 +4,13 @@ Memory stays bounded whatever the collection size: a daemon thread enumerates in
 chunk at a time (de-duplicating against the ids already done), two producers read the
 files of a chunk on a thread pool and cut them into batches, and at most `concurrency`
 requests are in flight while the next batches are being read. Inputs of similar byte
-length go together (less zero padding), and a request's padded size is capped. Inputs
-the sender deferred (failed alone while other requests were in flight) are re-read and
-re-sent at the end, one at a time.
+length go together (less zero padding), and a request's padded size is capped. A failed
+request is split and its images re-checked by the sender within its own task, while the
+rest of the run goes on (transport.py): there is no pass at the end.
+
+Stopping (GiveUp, Fatal, Ctrl-C): the task group cancels every request, the enumerating
+thread is told to stop (it never blocks on the loop for longer than a poll), and the
+read pool is shut down without waiting, so the process exits at once.
 """
 from __future__ import annotations
 
@@ -119,15 +123,26 @@ def make_batches(items: list[Item], opts: Options) -> list[list[Item]]:
     return batches
 
 
-def _enumerate(inputs: Iterable, seen: IdSet, chunk: int, loop, out: asyncio.Queue) -> None:
+def _enumerate(inputs: Iterable, seen: IdSet, chunk: int, loop, out: asyncio.Queue,
+               stop: threading.Event) -> None:
     """Daemon thread: push `(fresh inputs, skipped count)` chunks, then None (or the
-    exception that stopped the enumeration, for the run to re-raise)."""
+    exception that stopped the enumeration, for the run to re-raise). Returns as soon as
+    `stop` is set, even while the queue is full."""
     def put(value) -> bool:
         try:
-            asyncio.run_coroutine_threadsafe(out.put(value), loop).result()
-            return True
-        except (RuntimeError, concurrent.futures.CancelledError):  # the run has stopped
+            fut = asyncio.run_coroutine_threadsafe(out.put(value), loop)
+        except RuntimeError:  # the loop is closed
             return False
+        while True:
+            try:
+                fut.result(timeout=0.2)
+                return True
+            except concurrent.futures.TimeoutError:
+                if stop.is_set():
+                    fut.cancel()
+                    return False
+            except (RuntimeError, concurrent.futures.CancelledError):  # the run has stopped
+                return False
 
     try:
         it = iter(inputs)
@@ -153,7 +168,8 @@ async def run(inputs: Iterable, seen: IdSet, sink: Sink, sender: Sender, opts: O
     chunks: asyncio.Queue = asyncio.Queue(maxsize=2)
     ready: asyncio.Queue = asyncio.Queue(maxsize=max(2, opts.concurrency))
     chunk = max(64, 4 * opts.batch_size)
-    threading.Thread(target=_enumerate, args=(inputs, seen, chunk, loop, chunks),
+    stop = threading.Event()
+    threading.Thread(target=_enumerate, args=(inputs, seen, chunk, loop, chunks, stop),
                      name="enumerate", daemon=True).start()
     pool = concurrent.futures.ThreadPoolExecutor(opts.read_threads, thread_name_prefix="read")
     producers = 2
@@ -202,18 +218,10 @@ async def run(inputs: Iterable, seen: IdSet, sink: Sink, sender: Sender, opts: O
             for _ in range(producers):
                 tg.create_task(producer())
             tg.create_task(dispatch(tg))
-        # Inputs that failed alone while other requests were in flight: the error may have
-        # been a batch-mate's (DALI fails a whole formed batch). Each again, read afresh,
-        # one at a time with nothing else in flight; their verdicts are final.
-        for id_ in sender.take_deferred():
-            x = await loop.run_in_executor(pool, load_item, id_, None, opts)
-            if isinstance(x, str):
-                sink.failure(id_, x)
-            else:
-                await sender.send([x])
     except BaseExceptionGroup as group:
         raise _first(group) from None
     finally:
+        stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
     return stats
 

@@ -1,388 +1,55 @@
-"""Talking to Triton: endpoints in rotation, retries with backoff, rejected-batch splitting,
-system shared memory.
+"""Sending batches to Triton so that every item ends exactly once in a result or a failure.
 
-- `Endpoints`: one reused `tritonclient.grpc.aio` client per URL. A request failing
-  with UNAVAILABLE / DEADLINE_EXCEEDED / a connection error takes its endpoint out of
-  rotation for an exponential backoff with jitter (0.5 s doubling to 10 s, times 0.5-1.5);
-  then one request probes it again. When no endpoint has answered anything for
-  `give_up_after` seconds, `GiveUp` is raised.
-- `Sender.send(items)`: one request per batch. INVALID_ARGUMENT ("bad image: ...") means
-  an input is at fault: the batch is split (at the row the server names when it does,
-  else in halves) until the bad input stands alone. Other server errors (INTERNAL...)
-  split the same way. Errors of a server that is stopping or loading its models count as
-  transport trouble.
-- A lone input that still fails gets a verdict only once it is confirmed in isolation:
-  the gpu target (DALI) fails a whole dynamically formed batch for one bad image, so a
-  good input batched beside a bad one gets the bad one's error, again and again while
-  other requests are in flight. With `defer=True` (embed.py) such inputs are set aside
-  (`deferred`, ids only) and re-checked at the end of the run one at a time with nothing
-  else in flight (`pipeline.run`): a rejection is final after one confirming retry, any
-  other error after 5 tries over ~15 s. Only a row the server itself named ("item N of
-  the request", a per-request verdict) and rejected again alone is final at once.
-- `ShmSlots`: with `--shared-memory system`, one input and one output region per request
-  slot, registered lazily with each server and again after it restarts. A slot whose
-  request ended without a clean answer (timeout, lost connection, cancellation) is
-  retired, never reused: the server may still read or write its regions.
+The pieces live in modules of their own, re-exported here: `client.errors` (what an error
+means), `client.endpoints` (servers in rotation, give-up), `client.shm` (shared memory).
+This module holds the sender policy.
+
+`Sender.send(items)`: one request per batch. What happens on an error (kinds: errors.py):
+
+- RETRY (no answer: connection, timeout, a server stopping or loading): the endpoint
+  leaves rotation, the request tries again (maybe elsewhere). All servers silent for
+  `give_up_after` s: `GiveUp` (exit 3, resumable). A request that keeps getting no answer
+  while the servers answer others (`lost_tries` times: a request that kills its server)
+  is split like a rejected one, and alone it fails.
+- BUSY ("Exceeds maximum queue size"): the queue bound working. The request backs off
+  with jitter (0.05 s doubling to 2 s, times 0.5-1.5; waiting requests are not in flight,
+  which lowers the pressure), the endpoint stays in rotation, and it counts as an answer.
+  Bounded by `busy_for` seconds: then its items fail with the reason.
+- BATCH (DALI: one corrupt image fails the whole *formed* batch, which may hold other
+  requests' images): the request is re-sent after a short jitter (so that the requests
+  of that formed batch do not meet again); once, whole, if `retry_whole` (its own images
+  are most often fine: the bad one was a batch-mate's), then bisected: each half is sent
+  on, and so on, until the bad image stands alone. A lone image failing is re-checked
+  `rechecks` more times with jitter, concurrently with the rest of the run; it fails only
+  when every try failed. Each bad image thus costs a few requests of its own (log2 of
+  the batch size, plus the re-checks), and each of its failures a re-send of the
+  requests it was batched with; no sleep beyond the jitter, no pass at the end.
+- REJECT (INVALID_ARGUMENT "bad image: ...", a per-request verdict): split at the row
+  the server names ("item N of the request") when it does, else in halves; alone, the
+  verdict is final.
+- ERROR (INTERNAL, ...): like BATCH (split, then re-checks alone).
+- SHM: registrations lost (a restarted server): registered again and re-sent.
 """
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from client.endpoints import Endpoint, Endpoints, make_client  # noqa: F401  (re-exported)
+from client.errors import (BATCH, BUSY, ERROR, REJECT, RESTRICTED, RETRY, SHM,  # noqa: F401
+                           Fatal, GiveUp, answered, classify, clean_message, is_dali,
+                           restricted, split, status_name)
+from client.errors import ITEM as _ITEM
+from client.errors import MAX_ROWS as _MAX_ROWS
+from client.shm import SHM_PREFIX, ShmSlots, remove_stale_regions  # noqa: F401
 from sscd_triton import spec
 
-RETRY = "retry"  # transport trouble: another try, maybe elsewhere, after a backoff
-REJECT = "reject"  # the input is at fault (INVALID_ARGUMENT)
-ERROR = "error"  # the server failed on this request for another reason
-SHM = "shm"  # the server lost our shared-memory registration (it restarted)
-RESTRICTED = "restricted"  # the API needs a header (--grpc-restricted-protocol): --header
-
-_RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
-                "CANCELLED", "UNKNOWN"}
-# Messages of a server that is stopping, restarting or loading: not the input's fault.
-_SERVER_STATE = ("unknown model", "no available versions", "not ready", "is stopping",
-                 "stopped accepting", "shutting down", "stub process is not healthy",
-                 "socket closed", "connection reset")
-_ITEM = re.compile(r"\bitem (\d+) of the request\b")
-_MAX_ROWS = re.compile(r"batch-size must be <= (\d+)")
-_MAX_GRPC = 2 ** 31 - 1
-
-
-class GiveUp(Exception):
-    """No server answered for the allowed time."""
-
-
-class Fatal(Exception):
-    """A condition retrying cannot fix (unknown model, unusable shared memory)."""
-
-
-def restricted(url: str, e: BaseException) -> Fatal:
-    return Fatal(f"the server at {url} restricts this API ({clean_message(e)}); pass the "
-                 "header it expects with --header NAME=VALUE")
-
-
-def status_name(e: BaseException) -> str:
-    status = e.status() if isinstance(e, InferenceServerException) else None
-    return str(status or "").replace("StatusCode.", "")
-
-
-def classify(e: BaseException) -> str:
-    if not isinstance(e, InferenceServerException):
-        return RETRY  # OSError: connection-level trouble surfacing as another type
-    status, message = status_name(e), (e.message() or "").lower()
-    if "protocol is restricted" in message:  # sent as UNAVAILABLE, but retrying cannot help
-        return RESTRICTED
-    if status in _RETRY_CODES or not status or any(m in message for m in _SERVER_STATE):
-        return RETRY
-    if "shared memory" in message:
-        return SHM
-    if status == "INVALID_ARGUMENT":
-        return REJECT
-    return ERROR
-
-
-def clean_message(e: BaseException) -> str:
-    msg = e.message() if isinstance(e, InferenceServerException) else str(e)
-    msg = re.sub(r"^in ensemble '[^']*', ", "", (msg or str(e)).strip())
-    return msg
-
-
-def split(items: list, message: str) -> list[list]:
-    """Parts of a rejected batch: around the row the server names, else two halves."""
-    m = _ITEM.search(message)
-    if m and 0 <= int(m.group(1)) < len(items):
-        i = int(m.group(1))
-        return [p for p in (items[:i], items[i:i + 1], items[i + 1:]) if p]
-    half = len(items) // 2
-    return [items[:half], items[half:]]
-
-
-def make_client(url: str) -> grpcaio.InferenceServerClient:
-    """An aio client whose channel reconnects within seconds after a server restart
-    (gRPC's default reconnect backoff grows to 120 s)."""
-    return grpcaio.InferenceServerClient(url, channel_args=[
-        ("grpc.max_send_message_length", _MAX_GRPC),
-        ("grpc.max_receive_message_length", _MAX_GRPC),
-        ("grpc.initial_reconnect_backoff_ms", 250),
-        ("grpc.min_reconnect_backoff_ms", 250),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.keepalive_time_ms", 30000),
-        ("grpc.keepalive_timeout_ms", 10000),
-    ])
-
-
-class Endpoint:
-    def __init__(self, url: str, client: Any):
-        self.url = url
-        self.client = client
-        self.up = True  # optimistic until a request says otherwise
-        self.fails = 0  # consecutive transport failures
-        self.retry_at = 0.0
-        self.probing = False
-        self.inflight = 0
-        self.picks = 0
-        self.last_error = ""
-
-
-class Endpoints:
-    def __init__(self, urls: list[str], give_up_after: float = 120.0,
-                 backoff: tuple[float, float] = (0.5, 10.0),
-                 client_factory: Callable[[str], Any] = make_client,
-                 on_change: Callable[[str], None] | None = None):
-        self.all = [Endpoint(u, client_factory(u)) for u in urls]
-        self.give_up_after = give_up_after
-        self.backoff = backoff
-        self.on_change = on_change or (lambda message: None)
-        self._cond = asyncio.Condition()
-        self.last_answer = asyncio.get_running_loop().time()
-        self._last_note = self.last_answer
-
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    async def pick(self) -> Endpoint:
-        """An endpoint to send to: a down one whose backoff is over (as a probe), else the
-        least loaded up one; waits while none can be tried; raises GiveUp."""
-        async with self._cond:
-            while True:
-                now = self._now()
-                due = [e for e in self.all if not e.up and not e.probing and e.retry_at <= now]
-                if due:
-                    ep = due[0]
-                    ep.probing = True
-                else:
-                    up = [e for e in self.all if e.up]
-                    ep = min(up, key=lambda e: (e.inflight, e.picks)) if up else None
-                if ep is not None:
-                    ep.inflight += 1
-                    ep.picks += 1
-                    return ep
-                deadline = self.last_answer + self.give_up_after
-                if now >= deadline:
-                    raise GiveUp(self.describe_down())
-                waits = [e.retry_at for e in self.all if not e.probing]
-                until = min(waits + [deadline])
-                try:
-                    await asyncio.wait_for(self._cond.wait(), max(0.01, until - now))
-                except asyncio.TimeoutError:
-                    pass
-
-    async def report(self, ep: Endpoint, ok: bool, error: BaseException | None = None) -> None:
-        """The outcome of one picked request: `ok` when the server answered (even with
-        an error about the input), False for transport trouble."""
-        async with self._cond:
-            ep.inflight -= 1
-            ep.probing = False
-            now = self._now()
-            if ok:
-                if not ep.up:
-                    self.on_change(f"{ep.url} answers again")
-                ep.up, ep.fails = True, 0
-                self.last_answer = max(self.last_answer, now)
-            else:
-                ep.fails += 1
-                ep.last_error = clean_message(error) if error is not None else "no answer"
-                base, cap = self.backoff
-                delay = min(cap, base * 2 ** (ep.fails - 1)) * random.uniform(0.5, 1.5)
-                ep.retry_at = now + delay
-                if ep.up:
-                    self.on_change(f"{ep.url} out of rotation ({status_name(error) or 'error'}: "
-                                   f"{ep.last_error[:120]}); retrying in {delay:.1f}s")
-                elif not any(e.up for e in self.all) and now - self._last_note >= 10:
-                    self._last_note = now
-                    self.on_change(f"no server has answered for {now - self.last_answer:.0f}s "
-                                   f"(giving up after {self.give_up_after:g}s); retrying")
-                ep.up = False
-            self._cond.notify_all()
-
-    def release(self, ep: Endpoint) -> None:
-        """Undo a pick whose request was cancelled (no verdict on the server)."""
-        ep.inflight -= 1
-        ep.probing = False
-
-    def describe_down(self) -> str:
-        parts = [f"{e.url} ({e.last_error or 'no answer'})" for e in self.all]
-        return (f"no server answered for {self.give_up_after:g}s: " + "; ".join(parts))
-
-    async def close(self) -> None:
-        for e in self.all:
-            try:
-                await e.client.close()
-            except Exception:
-                pass
-
-
-# --- shared memory ----------------------------------------------------------------------
-
-SHM_PREFIX = "sscd_embed_"
-_REGION = re.compile(re.escape(SHM_PREFIX) + r"(\d+)_[0-9a-f]{6}_\d+_\d+_(?:in|out)")
-
-
-def remove_stale_regions(folder: str = "/dev/shm") -> list[str]:
-    """Remove regions that a killed embed.py left behind: names of this tool's pattern
-    whose process (the pid in the name) no longer exists. Returns the names removed."""
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        m = _REGION.fullmatch(name)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            continue  # alive: in use
-        except ProcessLookupError:
-            pass
-        except OSError:  # (PermissionError) alive, another user's
-            continue
-        try:
-            os.unlink(os.path.join(folder, name))
-            removed.append(name)
-        except OSError:
-            pass
-    return removed
-
-
-class _Slot:
-    def __init__(self, index: int):
-        self.index = index
-        self.gen = 0
-        self.regions: dict[str, tuple[str, Any, int]] = {}  # "in"/"out" -> (name, handle, size)
-        self.registered: set[str] = set()  # urls holding the current regions
-
-
-class ShmSlots:
-    """Request slots with system shared-memory regions (inputs and outputs).
-
-    Regions grow (to a power of two) when a request needs more; a grown region is a new
-    one, registered again. Only for servers on this host: they map the same /dev/shm.
-    """
-
-    def __init__(self, count: int, prefix: str | None = None, headers: dict | None = None):
-        from tritonclient.utils import shared_memory as shm
-
-        self.headers = headers
-
-        self.shm = shm
-        if prefix is None:
-            remove_stale_regions()
-            prefix = f"{SHM_PREFIX}{os.getpid()}_{random.getrandbits(24):06x}"
-        self.prefix = prefix
-        self._free: asyncio.Queue = asyncio.Queue()
-        self._slots = [_Slot(i) for i in range(count)]
-        self._retired: list[tuple[str, set[str]]] = []  # (region name, urls holding it)
-        for s in self._slots:
-            self._free.put_nowait(s)
-
-    async def acquire(self) -> _Slot:
-        return await self._free.get()
-
-    def release(self, slot: _Slot) -> None:
-        self._free.put_nowait(slot)
-
-    def retire(self, slot: _Slot) -> None:
-        """Never reuse `slot`'s regions: its request ended without a clean answer (timeout,
-        lost connection, cancellation), so a server may still read the input or write the
-        output there, into the next request's data. Our mappings are destroyed (the names
-        unlinked; a server's own mapping stays valid until it unregisters), the names are
-        unregistered at `close`, and a fresh slot with new names takes its place."""
-        for name, handle, _ in slot.regions.values():
-            if slot.registered:
-                self._retired.append((name, set(slot.registered)))
-            try:
-                self.shm.destroy_shared_memory_region(handle)
-            except Exception:
-                pass
-        fresh = _Slot(slot.index)
-        fresh.gen = slot.gen  # `prepare` counts on: the new regions get new names
-        self._slots[slot.index] = fresh
-        self._free.put_nowait(fresh)
-
-    def forget(self, url: str) -> None:
-        """The server at `url` lost its registrations (restart): register again on use."""
-        for s in self._slots:
-            s.registered.discard(url)
-
-    async def _unregister_everywhere(self, slot: _Slot, endpoints: list[Endpoint]) -> None:
-        for ep in endpoints:
-            if ep.url in slot.registered:
-                for name, _, _ in slot.regions.values():
-                    try:
-                        await ep.client.unregister_system_shared_memory(name, headers=self.headers)
-                    except Exception:
-                        pass
-        slot.registered.clear()
-
-    async def prepare(self, slot: _Slot, ep: Endpoint, endpoints: list[Endpoint],
-                      in_bytes: int, out_bytes: int) -> None:
-        """Make the slot's regions big enough and registered with `ep`'s server."""
-        need = {"in": in_bytes, "out": out_bytes}
-        if any(k not in slot.regions or slot.regions[k][2] < n for k, n in need.items()):
-            await self._unregister_everywhere(slot, endpoints)
-            for _, handle, _ in slot.regions.values():
-                self.shm.destroy_shared_memory_region(handle)
-            slot.gen += 1
-            slot.regions = {}
-            for kind, n in need.items():
-                size = max(1 << 16, 1 << (max(n, 1) - 1).bit_length())
-                name = f"{self.prefix}_{slot.index}_{slot.gen}_{kind}"
-                handle = self.shm.create_shared_memory_region(name, "/" + name, size)
-                slot.regions[kind] = (name, handle, size)
-        if ep.url not in slot.registered:
-            for name, _, size in slot.regions.values():
-                try:
-                    await ep.client.unregister_system_shared_memory(name, headers=self.headers)
-                except Exception:
-                    pass
-                try:
-                    await ep.client.register_system_shared_memory(name, "/" + name, size,
-                                                                   headers=self.headers)
-                except InferenceServerException as e:
-                    if classify(e) == RETRY:
-                        raise
-                    if classify(e) == RESTRICTED:
-                        raise restricted(ep.url, e) from None
-                    raise Fatal(f"--shared-memory system: the server at {ep.url} cannot map "
-                                f"/dev/shm/{name} ({clean_message(e)}); shared memory only "
-                                "works with a server on this host") from None
-            slot.registered.add(ep.url)
-
-    async def close(self, endpoints: list[Endpoint]) -> None:
-        for name, urls in self._retired:
-            for ep in endpoints:
-                if ep.url in urls:
-                    try:
-                        await asyncio.wait_for(ep.client.unregister_system_shared_memory(
-                            name, headers=self.headers), 5)
-                    except (Exception, asyncio.TimeoutError):
-                        pass
-        self._retired = []
-        for slot in self._slots:
-            try:
-                await asyncio.wait_for(self._unregister_everywhere(slot, endpoints), 5)
-            except (Exception, asyncio.TimeoutError):
-                pass
-            for _, handle, _ in slot.regions.values():
-                try:
-                    self.shm.destroy_shared_memory_region(handle)
-                except Exception:
-                    pass
-            slot.regions = {}
-
-
-# --- requests ---------------------------------------------------------------------------
 
 @dataclass
 class Item:
@@ -415,8 +82,10 @@ class Sender:
     def __init__(self, endpoints: Endpoints, model: str, input_name: str, dims: int,
                  on_result: Callable[[list[str], np.ndarray], None],
                  on_failure: Callable[[str, str], None], timeout: float = 300.0,
-                 slots: ShmSlots | None = None, reject_retries: int = 1,
-                 error_retries: int = 4, headers: dict | None = None, defer: bool = False):
+                 slots: ShmSlots | None = None, reject_retries: int = 0, rechecks: int = 2,
+                 headers: dict | None = None, retry_whole: bool = True,
+                 jitter: float = 0.05, busy: tuple[float, float] = (0.05, 2.0),
+                 busy_for: float | None = None, lost_tries: int = 5, parts: int = 4):
         self.endpoints = endpoints
         self.model = model
         self.input_name = input_name
@@ -426,15 +95,22 @@ class Sender:
         self.timeout = timeout
         self.slots = slots
         self.reject_retries = reject_retries
-        self.error_retries = error_retries
+        self.rechecks = rechecks
         self.headers = headers
-        # Set lone failures aside (their ids) instead of judging them while other requests
-        # are in flight; `take_deferred` hands them over for the re-check in isolation.
-        self.defer = defer
-        self.deferred: list[str] = []
+        self.retry_whole = retry_whole
+        self.jitter = jitter
+        self.busy = busy
+        self.busy_for = timeout if busy_for is None else busy_for
+        self.lost_tries = lost_tries
+        self.parts = parts
+        # Re-sends after a batch error go one at a time (beside the fresh requests): two
+        # suspects in one formed batch would fail each other.
+        self._suspects = asyncio.Semaphore(1)
         self.max_rows = 0  # learnt from the server when its config could not be read
         self.requests = 0
         self.splits = 0
+        self.rechecked = 0
+        self.busy_answers = 0
 
     async def _infer(self, ep: Endpoint, arr: np.ndarray) -> np.ndarray:
         dtype = "UINT8" if arr.dtype == np.uint8 else "FP32"
@@ -462,8 +138,9 @@ class Sender:
                     await ep.client.infer(self.model, [inp], outputs=[out],
                                           client_timeout=self.timeout, headers=self.headers)
                 except InferenceServerException as e:
-                    # a clean answer refusing the request: the server is done with it
-                    in_use = classify(e) not in (REJECT, SHM, RESTRICTED)
+                    # any answer (a rejection, a DALI batch error, a full queue): the
+                    # server is done with the regions; only no answer keeps them in use
+                    in_use = not answered(e)
                     raise
                 in_use = False
                 emb = np.array(self.slots.shm.get_contents_as_numpy(
@@ -481,11 +158,15 @@ class Sender:
         return emb.astype(np.float32, copy=False)
 
     async def attempt(self, items: list[Item]) -> np.ndarray | Rejection:
-        """One request for `items`, retried across endpoints until a server answers."""
+        """One request for `items`, retried across endpoints until a server gives a
+        verdict, within bounds (see the module docstring)."""
         arr = build_array([i.payload for i in items])
-        shm_tries = 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        shm_tries = busy = lost = 0
         while True:
             ep = await self.endpoints.pick()
+            sent_at = loop.time()
             try:
                 emb = await self._infer(ep, arr)
             except Fatal:
@@ -501,10 +182,26 @@ class Sender:
                     self.slots.forget(ep.url)
                     await self.endpoints.report(ep, True)
                     continue
+                if kind == BUSY:
+                    await self.endpoints.report(ep, True)
+                    busy += 1
+                    self.busy_answers += 1
+                    waited = loop.time() - started
+                    if waited >= self.busy_for:
+                        return Rejection(BUSY, f"the server stayed overloaded ({busy} tries over "
+                                               f"{waited:.0f}s): {clean_message(e)}")
+                    base, cap = self.busy
+                    await asyncio.sleep(min(cap, base * 2 ** (busy - 1)) * random.uniform(0.5, 1.5))
+                    continue
                 if kind in (RETRY, SHM):
                     if self.slots is not None:
                         self.slots.forget(ep.url)  # a restarted server forgets regions
                     await self.endpoints.report(ep, False, e)
+                    if self.endpoints.last_answer > sent_at:  # others got answers meanwhile
+                        lost += 1
+                        if lost >= self.lost_tries:
+                            return Rejection(RETRY, f"no answer in {lost} tries while the server "
+                                                    f"answered others: {clean_message(e)}")
                     continue
                 await self.endpoints.report(ep, True)
                 return Rejection(kind, clean_message(e))
@@ -514,14 +211,26 @@ class Sender:
             await self.endpoints.report(ep, True)
             return emb
 
-    async def send(self, items: list[Item], named: bool = False) -> None:
-        """Deliver every item of `items` to `on_result`, `on_failure` or `deferred`.
-        `named`: `items` is the one row a server named in a rejected request of several."""
+    async def _pause(self, n: int) -> None:
+        """Jitter before re-sending after a batch error: the requests of one failed formed
+        batch got the error at the same moment and must not be batched together again."""
+        await asyncio.sleep(self.jitter * 2 ** n * random.uniform(0.2, 1.8))
+
+    async def _attempt_suspect(self, items: list[Item], n: int) -> np.ndarray | Rejection:
+        async with self._suspects:
+            await self._pause(n)
+            return await self.attempt(items)
+
+    async def send(self, items: list[Item], named: bool = False, whole: bool = False,
+                   suspect: bool = False) -> None:
+        """Deliver every item of `items` to `on_result` or `on_failure`.
+        `named`: `items` is the one row a server named in a rejected request of several.
+        `whole`: `items` already failed together with a batch error and was re-sent."""
         if self.max_rows and len(items) > self.max_rows:
             for k in range(0, len(items), self.max_rows):
                 await self.send(items[k:k + self.max_rows])
             return
-        outcome = await self.attempt(items)
+        outcome = await (self._attempt_suspect(items, 0) if suspect else self.attempt(items))
         if isinstance(outcome, np.ndarray):
             self.on_result([i.id for i in items], outcome)
             return
@@ -530,34 +239,40 @@ class Sender:
             self.max_rows = int(cap.group(1))
             await self.send(items)
             return
+        if outcome.kind == BUSY:  # overloaded past the bound: no verdict on the images
+            for item in items:
+                self.on_failure(item.id, reason(outcome, 0))
+            return
+        batch_error = outcome.kind in (BATCH, ERROR)
         if len(items) > 1:
+            if batch_error and self.retry_whole and not whole:  # most likely a batch-mate's
+                await self.send(items, whole=True, suspect=True)
+                return
             self.splits += 1
             m = _ITEM.search(outcome.message) if outcome.kind == REJECT else None
             bad = items[int(m.group(1))] if m and int(m.group(1)) < len(items) else None
-            for part in split(items, outcome.message):
-                await self.send(part, named=len(part) == 1 and part[0] is bad)
+            if m or not batch_error:
+                parts = split(items, outcome.message)
+            else:  # a few parts: fewer rounds, each of which fails a formed batch
+                k = -(-len(items) // min(self.parts, len(items)))
+                parts = [items[i:i + k] for i in range(0, len(items), k)]
+            for part in parts:
+                await self.send(part, named=len(part) == 1 and part[0] is bad, whole=True,
+                                suspect=batch_error)
             return
-        if outcome.kind == REJECT and named:  # rejected by row, then alone: confirmed
-            self.on_failure(items[0].id, reason(outcome, 2))
-            return
-        if self.defer:  # maybe a batch-mate's error (DALI): re-checked alone at the end
-            self.deferred.append(items[0].id)
-            return
-        retries = self.reject_retries if outcome.kind == REJECT else self.error_retries
+        tries = 1
+        retries = self.reject_retries if outcome.kind == REJECT and not named else (
+            0 if outcome.kind in (REJECT, RETRY) else self.rechecks)
         for n in range(retries):
-            if outcome.kind == ERROR:  # 1, 2, 4, 8 s: outlast a server hiccup
-                await asyncio.sleep(2 ** n * random.uniform(0.5, 1.5))
-            outcome = await self.attempt(items)
+            self.rechecked += 1
+            outcome = await self._attempt_suspect(items, n)
+            tries += 1
             if isinstance(outcome, np.ndarray):
                 self.on_result([items[0].id], outcome)
                 return
-        self.on_failure(items[0].id, reason(outcome, 1 + retries))
-
-    def take_deferred(self) -> list[str]:
-        """The deferred ids, for re-sending one at a time with nothing else in flight;
-        from now on every lone failure is judged at once."""
-        ids, self.deferred, self.defer = self.deferred, [], False
-        return ids
+            if outcome.kind in (BUSY, REJECT, RETRY):
+                break
+        self.on_failure(items[0].id, reason(outcome, tries))
 
 
 def reason(r: Rejection, tries: int) -> str:
@@ -566,4 +281,10 @@ def reason(r: Rejection, tries: int) -> str:
     if r.kind == REJECT:
         msg = msg[len(spec.BAD_IMAGE_PREFIX):] if msg.startswith(spec.BAD_IMAGE_PREFIX) else msg
         return f"the server rejected it as a bad image: {msg}"
+    if r.kind == BUSY:
+        return f"not embedded: {msg}"
+    if r.kind == RETRY:
+        return f"the server never answered for it: {msg}"
+    if r.kind == BATCH:
+        return f"the server failed on it, alone ({tries} tries): {msg}"
     return f"the server failed on it ({tries} tries): {msg}"

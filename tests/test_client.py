@@ -357,3 +357,48 @@ def test_server_restart_mid_run(triton, photos, reference, tmp_path):
     assert f"skipped {kept} (done before" in r.stdout
     assert_same(b_out, reference)
     assert json.loads((b_out / "manifest.json").read_text())["complete"] is True
+
+
+def test_sigterm_mid_run_exits_3_promptly_then_resumes(triton, photos, reference, tmp_path):
+    """A server stopped the way Docker and Kubernetes stop it (SIGTERM: it drains, answers
+    UNAVAILABLE "Server is stopping..." and exits) in the middle of a run: embed.py exits 3
+    within --give-up-after plus the drain, and does not hang at exit (it once did: a
+    task left in Condition.wait); the rerun against the restarted server completes with
+    every input once and the reference descriptors."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    names = sorted(os.listdir(photos))
+    expected = {}
+    for k in range(192):
+        name = names[k % len(names)]
+        link = folder / f"{k:03d}-{name}"
+        os.symlink(photos / name, link)
+        expected[str(link)] = reference[str(photos / name)]
+    server = TritonServer(triton.repo, log_path=tmp_path / "sigterm.log").start()
+    out = tmp_path / "out"
+    args = (folder, "--output", out, "--batch-size", "2", "--concurrency", "2",
+            "--shard-size", "4", "--give-up-after", "5", "--quiet")
+    try:
+        proc = start_embed(*args, url=server.grpc_url)
+        wait_for_shards(out, 2, proc)
+        server.process.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        elapsed = time.monotonic() - stopped
+        assert proc.returncode == 3, err
+        assert "could not finish" in err and "rerun the same command to resume" in err
+        assert elapsed < 5 + 25, f"exit 3 took {elapsed:.0f}s after SIGTERM"
+        kept = shards_in(out)
+        assert 0 < kept * 4 < len(expected)
+        server.process.wait(timeout=60)  # graceful stop done
+        server.stop()
+        server = TritonServer(triton.repo, grpc_port=server.grpc_port,
+                              http_port=server.http_port, metrics_port=server.metrics_port,
+                              log_path=tmp_path / "sigterm2.log").start()
+        r = embed(*args, url=server.grpc_url)
+        assert r.returncode == 0, r.stderr
+        assert "resuming" in r.stderr
+        assert_same(out, expected)
+        assert load_failures(str(out)) == []
+    finally:
+        server.stop()

@@ -209,6 +209,34 @@ def test_npz_import_cut_short_is_redone(tmp_path, monkeypatch):
 
 
 # --- transport: splitting, retries, give-up (fake servers) -------------------------------
+#
+# The fakes answer with the statuses and messages the real servers send:
+# - sscd_triton/triton_preprocess.py (the cpu target's python backend): INVALID_ARGUMENT
+#   "bad image: item N of the request: <reason>" (spec.BAD_IMAGE_PREFIX, spec.BAD_ROW),
+#   one request failing alone, through the ensemble prefix below.
+# - dali_backend src/dali_model_instance.cc ErrorHandler(): TritonError::Unknown("DALI
+#   error: " + what) for a DALIException, sent by ExecuteBatched to every request of the
+#   formed batch; gRPC status UNKNOWN (server src/grpc/grpc_utils.cc CodeToStatus).
+# - core src/ensemble_scheduler/ensemble_scheduler.cc: "in ensemble '<name>', " + message.
+# - core src/scheduler_utils.cc PolicyQueue::Enqueue: UNAVAILABLE
+#   "[request id: <id_unknown>] Exceeds maximum queue size" (request->LogRequest() prefix).
+# - core src/dynamic_batch_scheduler.cc Enqueue after SIGTERM: UNAVAILABLE
+#   "[request id: <id_unknown>] Server is stopping, scheduler for model has stopped
+#   accepting new inference requests".
+
+# What follows "DALI error: " is DALI's exception text (illustrative); the prefix is the
+# backend's.
+DALI_CORRUPT = ("in ensemble 'sscd', DALI error: Critical error in pipeline:\nError in MIXED "
+                "operator `nvidia.dali.fn.decoders.image`,\nAssert on \"ret == "
+                "NVJPEG_STATUS_SUCCESS\" failed: corrupt JPEG data")
+QUEUE_FULL = "in ensemble 'sscd', [request id: <id_unknown>] Exceeds maximum queue size"
+STOPPING = ("[request id: <id_unknown>] Server is stopping, scheduler for model has stopped "
+            "accepting new inference requests")
+
+
+def _err(message, status):
+    return InferenceServerException(message, status=f"StatusCode.{status}")
+
 
 class FakeResult:
     def __init__(self, arr):
@@ -219,56 +247,45 @@ class FakeResult:
 
 
 class FakeClient:
-    """Rows starting with 0xEE are bad images; `down` makes every call UNAVAILABLE."""
+    """Rows starting with 0xEE are bad images (the cpu backend names the row); `down`
+    makes every call UNAVAILABLE; `poison` values fail the request DALI's way."""
 
     def __init__(self, url, hint=True, down=False, flaky=0, max_rows=64, poison=None):
         self.url, self.hint, self.down, self.flaky = url, hint, down, flaky
         self.max_rows = max_rows
         self.poison = dict(poison or {})  # value -> how many more requests holding it fail
         self.calls = []
-        self.inflight = 0
-        self.seen = []  # (first byte, whether no other request was in flight) per request
 
     async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
-        self.inflight += 1
-        try:
-            first = int(np.frombuffer(inputs[0]._get_content(), np.uint8)[0])
-            self.seen.append((first, self.inflight == 1))
-            await asyncio.sleep(0.001)
-            return self._infer(inputs)
-        finally:
-            self.inflight -= 1
+        await asyncio.sleep(0.001)
+        return self._infer(inputs)
 
     def _infer(self, inputs):
         inp = inputs[0]
         rows = np.frombuffer(inp._get_content(), np.uint8).reshape(inp.shape())
         self.calls.append(len(rows))
-        for row in rows:  # DALI: a bad batch-mate fails the whole formed batch, unnamed
+        for row in rows:
             if self.poison.get(row[0], 0) > 0:
                 self.poison[row[0]] -= 1
-                raise InferenceServerException("in ensemble 'sscd', bad image: corrupt data",
-                                               status="StatusCode.INVALID_ARGUMENT")
+                raise _err(DALI_CORRUPT, "UNKNOWN")
         if self.down or self.flaky > 0:
             self.flaky -= 1
-            raise InferenceServerException("failed to connect to all addresses",
-                                           status="StatusCode.UNAVAILABLE")
+            raise _err("failed to connect to all addresses", "UNAVAILABLE")
         if len(rows) > self.max_rows:
-            raise InferenceServerException(
-                f"[request id: <id_unknown>] inference request batch-size must be <= "
-                f"{self.max_rows} for 'sscd'", status="StatusCode.INVALID_ARGUMENT")
+            raise _err(f"[request id: <id_unknown>] inference request batch-size must be <= "
+                       f"{self.max_rows} for 'sscd'", "INVALID_ARGUMENT")
         for i, row in enumerate(rows):
             if row[0] == 0xEE:
                 where = f"item {i} of the request: " if self.hint and len(rows) > 1 else ""
-                raise InferenceServerException(
-                    f"in ensemble 'sscd', bad image: {where}not an image: junk",
-                    status="StatusCode.INVALID_ARGUMENT")
+                raise _err(f"in ensemble 'sscd', bad image: {where}not an image: junk",
+                           "INVALID_ARGUMENT")
         return FakeResult(np.stack([np.full(4, row[0], np.float32) for row in rows]))
 
     async def close(self):
         pass
 
 
-def _run_sender(clients, items, give_up=5.0, backoff=(0.01, 0.05)):
+def _run_sender(clients, items, give_up=5.0, backoff=(0.01, 0.05), **kw):
     results, failures = {}, {}
 
     async def go():
@@ -276,7 +293,7 @@ def _run_sender(clients, items, give_up=5.0, backoff=(0.01, 0.05)):
                                   client_factory=lambda u: next(c for c in clients if c.url == u))
         sender = transport.Sender(eps, "sscd", "image", 4,
                                   lambda ids, e: results.update(zip(ids, e[:, 0])),
-                                  lambda i, r: failures.update({i: r}))
+                                  lambda i, r: failures.update({i: r}), **kw)
         await sender.send(items)
         return sender
 
@@ -300,35 +317,198 @@ def test_rejected_batch_is_split_until_bad_inputs_stand_alone(hint):
     assert sender.splits >= 2 and client.calls[0] == 8
 
 
-def test_lone_failures_are_rechecked_alone_at_the_end(tmp_path):
-    """A good input failing beside a bad one (DALI fails a whole formed batch) is not
-    judged while other requests are in flight: it is re-checked alone at the end."""
-    values = [1, 2, 3, 0xEE, 5, 6, 7, 8]
-    paths = []
-    for k, v in enumerate(values):  # not images: each goes alone (looks_complete)
-        paths.append(str(tmp_path / f"f{k}"))
-        with open(paths[-1], "wb") as f:
-            f.write(bytes([v]) * (k + 2))
-    client = FakeClient("a:1", poison={3: 2})  # 3 fails its first two requests
-    store, progress = _ListStore(), _NoProgress()
-    sink = pipeline.Sink(store, progress)
+def test_dali_batch_error_keeps_the_endpoint_and_rechecks_a_lone_image():
+    """UNKNOWN "DALI error" is an answer: the endpoint stays in rotation (no "out of
+    rotation"), a failed request is retried whole, then bisected, and a lone image fails
+    only after its re-checks; a batch-mate's error does not sink a good image."""
+    notes = []
+    client = FakeClient("a:1", poison={3: 1, 0xEF: 99})  # 3: a victim once; 0xEF: corrupt
 
     async def go():
-        eps = transport.Endpoints(["a:1"], 5.0, (0.01, 0.05), client_factory=lambda u: client)
-        sender = transport.Sender(eps, "sscd", "image", 4, sink.result, sink.failure,
-                                  defer=True)
-        opts = pipeline.Options(batch_size=4, concurrency=4, read_threads=2)
-        return await pipeline.run([(p, None) for p in paths], IdSet(), sink, sender, opts,
-                                  progress)
+        eps = transport.Endpoints(["a:1"], 5.0, (0.01, 0.05), client_factory=lambda u: client,
+                                  on_change=notes.append)
+        results, failures = {}, {}
+        sender = transport.Sender(eps, "sscd", "image", 4,
+                                  lambda ids, e: results.update(zip(ids, e[:, 0])),
+                                  lambda i, r: failures.update({i: r}), jitter=0.001)
+        items = _items([1, 2, 3, 4, 5, 0xEF, 7, 8])
+        await sender.send(items[:4])
+        await sender.send(items[4:])
+        return results, failures, sender, eps
 
-    stats = asyncio.run(go())
-    assert sorted(store.results) == sorted(p for p, v in zip(paths, values) if v != 0xEE)
-    assert [f[0] for f in store.failures] == [paths[3]]
-    assert store.failures[0][1] == "the server rejected it as a bad image: not an image: junk"
-    # the re-checks (3 twice, then the bad one twice) ran with nothing else in flight
-    last = client.seen[-4:]
-    assert sorted(v for v, _ in last) == [3, 3, 0xEE, 0xEE] and all(a for _, a in last)
-    assert stats.inputs == 8
+    results, failures, sender, eps = asyncio.run(go())
+    assert not notes and all(e.up for e in eps.all)
+    assert results == {f"id{k}": v for k, v in enumerate([1, 2, 3, 4, 5, 0, 7, 8]) if k != 5}
+    assert list(failures) == ["id5"]
+    assert failures["id5"].startswith("the server failed on it, alone (3 tries): DALI error: ")
+    # [1,2,3,4]: failed once (3 poisoned), whole again: ok. [5,EF,7,8]: failed, whole
+    # again, then split in (up to) 4 parts: [5] ok, [EF] fails + 2 re-checks, [7], [8] ok
+    assert client.calls == [4, 4, 4, 4, 1, 1, 1, 1, 1, 1]
+    assert sender.rechecked == 2
+
+
+def test_queue_full_backs_off_without_leaving_rotation():
+    class Busy(FakeClient):
+        def __init__(self, url, busy):
+            super().__init__(url)
+            self.busy = busy
+
+        def _infer(self, inputs):
+            if self.busy > 0:
+                self.busy -= 1
+                raise _err(QUEUE_FULL, "UNAVAILABLE")
+            return super()._infer(inputs)
+
+    notes = []
+    client = Busy("a:1", busy=3)
+
+    async def go():
+        eps = transport.Endpoints(["a:1"], 0.2, (0.01, 0.05), client_factory=lambda u: client,
+                                  on_change=notes.append)
+        results = {}
+        sender = transport.Sender(eps, "sscd", "image", 4,
+                                  lambda ids, e: results.update(zip(ids, e[:, 0])),
+                                  lambda i, r: None, busy=(0.1, 0.2))
+        await sender.send(_items([1, 2]))  # 3 back-offs: ~0.35 s, past give_up_after
+        return results, sender
+
+    results, sender = asyncio.run(go())
+    assert results == {"id0": 1, "id1": 2} and sender.busy_answers == 3 and not notes
+
+    client = Busy("a:1", busy=10 ** 6)  # overloaded past the request's bound: a failure
+    results, failures, _ = _run_sender([client], _items([1, 2]), busy=(0.01, 0.02),
+                                       busy_for=0.2)
+    assert not results and sorted(failures) == ["id0", "id1"]
+    assert all(f.startswith("not embedded: the server stayed overloaded (")
+               and f.endswith("Exceeds maximum queue size") for f in failures.values())
+
+
+def test_classify_real_server_messages():
+    k = transport.classify
+    assert k(_err(DALI_CORRUPT, "UNKNOWN")) == transport.BATCH
+    assert k(_err("in ensemble 'sscd', DALI Backend error: x", "UNKNOWN")) == transport.BATCH
+    assert k(_err("DALI error: corrupt", "UNKNOWN")) == transport.BATCH
+    assert k(_err("Stream removed", "UNKNOWN")) == transport.RETRY  # gRPC core's
+    assert k(_err(QUEUE_FULL, "UNAVAILABLE")) == transport.BUSY
+    assert k(_err(STOPPING, "UNAVAILABLE")) == transport.RETRY
+    assert transport.answered(_err(DALI_CORRUPT, "UNKNOWN"))
+    assert transport.answered(_err(QUEUE_FULL, "UNAVAILABLE"))
+    assert transport.answered(_err("bad image: junk", "INVALID_ARGUMENT"))
+    assert not transport.answered(_err("Deadline Exceeded", "DEADLINE_EXCEEDED"))
+    assert not transport.answered(_err("failed to connect to all addresses", "UNAVAILABLE"))
+    assert not transport.answered(_err("Socket closed", "UNKNOWN"))
+    assert not transport.answered(_err("Locally cancelled by application!", "CANCELLED"))
+    assert transport.clean_message(_err(QUEUE_FULL, "UNAVAILABLE")) == \
+        "Exceeds maximum queue size"
+
+
+class DynamicBatcher:
+    """A fake server batching like Triton's dynamic batcher in front of DALI: requests
+    arriving within `window` seconds form one batch of up to `max_rows` rows (whole
+    requests; ragged, as allow_ragged_batch), executed one batch at a time; if any row of
+    the formed batch is corrupt, every request of it gets DALI's UNKNOWN error. More than
+    `max_queue` requests waiting: UNAVAILABLE "Exceeds maximum queue size"."""
+
+    def __init__(self, corrupt, window=0.002, max_rows=64, max_queue=3, exec_s=0.001):
+        self.url = "dali:1"
+        self.corrupt, self.window, self.max_rows = corrupt, window, max_rows
+        self.max_queue, self.exec_s = max_queue, exec_s
+        self.queue: list = []
+        self.requests = self.formed = self.failed_batches = self.busy = 0
+        self._worker = None
+
+    async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
+        inp = inputs[0]
+        rows = np.frombuffer(inp._get_content(), np.uint8).reshape(inp.shape())
+        self.requests += 1
+        if len(self.queue) >= self.max_queue:
+            self.busy += 1
+            raise _err(QUEUE_FULL, "UNAVAILABLE")
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append((rows, fut))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.ensure_future(self._run())
+        return await fut
+
+    async def _run(self):
+        while self.queue:
+            await asyncio.sleep(self.window)
+            batch, n = [], 0
+            while self.queue and n + len(self.queue[0][0]) <= self.max_rows:
+                batch.append(self.queue.pop(0))
+                n += len(batch[-1][0])
+            await asyncio.sleep(self.exec_s)
+            self.formed += 1
+            ids = [int.from_bytes(r[:4].tobytes(), "little") for rows, _ in batch for r in rows]
+            bad = any(i in self.corrupt for i in ids)
+            self.failed_batches += bad
+            for rows, fut in batch:
+                if fut.done():
+                    continue
+                if bad:
+                    fut.set_exception(_err(DALI_CORRUPT, "UNKNOWN"))
+                else:
+                    emb = np.stack([np.full(4, int.from_bytes(r[:4].tobytes(), "little"),
+                                            np.float32) for r in rows])
+                    fut.set_result(FakeResult(emb))
+
+    async def close(self):
+        pass
+
+
+@pytest.mark.parametrize("retry_whole", [True, False])
+def test_dali_isolation_scales_with_concurrency(tmp_path, retry_whole):
+    """2000 images, 0.75% corrupt, concurrency 8, through the real pipeline against a fake
+    that forms batches across concurrent requests and fails them whole, as DALI does:
+    every good image embedded once with its own value, exactly the corrupt ones failed,
+    and a bounded number of requests."""
+    n, batch, concurrency = 2000, 16, 8
+    rng = np.random.default_rng(0)
+    corrupt = set(rng.choice(n, 15, replace=False).tolist())
+    paths = []
+    for k in range(n):  # rows carry their index: the fake's descriptor is the index
+        paths.append(str(tmp_path / f"{k:05d}.jpg"))
+        with open(paths[-1], "wb") as f:
+            f.write(k.to_bytes(4, "little") + b"\xff\xd9")
+    server = DynamicBatcher(corrupt)
+    store, progress = _ListStore(), _NoProgress()
+    sink = pipeline.Sink(store, progress)
+    got = {}
+
+    def result(ids, emb):
+        for i, e in zip(ids, emb):
+            got.setdefault(i, []).append(float(e[0]))
+        sink.result(ids, emb)
+
+    async def go():
+        eps = transport.Endpoints(["dali:1"], 5.0, (0.01, 0.05), client_factory=lambda u: server)
+        sender = transport.Sender(eps, "sscd", "image", 4, result, sink.failure,
+                                  retry_whole=retry_whole, jitter=0.005)
+        opts = pipeline.Options(batch_size=batch, concurrency=concurrency, read_threads=2)
+        t0 = asyncio.get_running_loop().time()
+        await pipeline.run([(p, None) for p in paths], IdSet(), sink, sender, opts, progress)
+        return sender, asyncio.get_running_loop().time() - t0
+
+    # every item is sent alone when it does not look complete; these rows do not, so
+    # the test makes them look complete (it is the batching, not the sniffing, under test)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline.sources, "looks_complete", lambda data: True)
+        sender, seconds = asyncio.run(go())
+    failed = sorted(f[0] for f in store.failures)
+    minimum = -(-n // batch)  # 125 requests when nothing fails
+    print(f"\nretry_whole={retry_whole}: {server.requests} requests ({server.busy} queue-full), "
+          f"minimum {minimum}, {server.formed} formed batches ({server.failed_batches} failed), "
+          f"{sender.splits} splits, {sender.rechecked} re-checks, {seconds:.1f}s, "
+          f"{len(failed)} failed")
+    assert failed == sorted(paths[k] for k in corrupt)
+    assert all("DALI error" in f[1] for f in store.failures)
+    assert sorted(got) == sorted(p for k, p in enumerate(paths) if k not in corrupt)
+    assert all(v == [float(int(os.path.basename(p)[:5]))] for p, v in got.items())  # own, once
+    inferred = server.requests - server.busy
+    # measured: ~2.7x the minimum retrying whole first, ~3.2x bisecting at once
+    assert inferred <= (3.5 if retry_whole else 4) * minimum, (inferred, minimum)
+    assert server.busy > 0 and sender.busy_answers == server.busy  # the queue bound, met
+    assert seconds < 20
 
 
 def test_learns_max_batch_size_from_the_server():
@@ -546,6 +726,38 @@ def test_timed_out_shm_slot_is_retired():
     assert in1 != in2 and out1 != out2  # the timed-out slot's regions were never reused
     assert {in1, out1} <= set(client.unregistered)  # unregistered at close
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+@pytest.mark.parametrize("message,status", [(DALI_CORRUPT, "UNKNOWN"),
+                                            (QUEUE_FULL, "UNAVAILABLE")])
+def test_answered_shm_slot_is_released_not_retired(message, status):
+    """A request the server answered (a DALI batch error, a full queue) is done with its
+    regions: the slot is reused, nothing is retired."""
+    class Answering(FakeShmClient):
+        async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
+            if self.late is None:
+                self.late = "answered"
+                self.used.append(None)
+                raise _err(message, status)
+            return await super().infer(model, inputs, outputs, client_timeout, headers)
+
+    client, results = Answering(), {}
+
+    async def go():
+        eps = transport.Endpoints(["a:1"], 5.0, (0.01, 0.05), client_factory=lambda u: client)
+        slots = transport.ShmSlots(1)
+        sender = transport.Sender(eps, "sscd", "image", 4,
+                                  lambda ids, e: results.update(zip(ids, e[:, 0])),
+                                  lambda i, r: None, slots=slots, jitter=0.001,
+                                  busy=(0.001, 0.002))
+        await sender.send(_items([1, 2, 3]))
+        retired = list(slots._retired)
+        await slots.close(eps.all)
+        return retired
+
+    retired = asyncio.run(go())
+    assert results == {"id0": 1, "id1": 2, "id2": 3} and retired == []
+    assert len({names for names in client.used if names}) == 1  # one slot's regions, reused
 
 
 def test_stale_regions_of_dead_processes_are_removed(tmp_path):
