@@ -128,7 +128,7 @@ class Clock:
     def phase(self, name: str, checks: list):
         """Time a phase; an exception in it becomes a failed check (traceback on stderr)
         and the run goes on, so one broken phase does not cost the others' results."""
-        from export.report import Check
+        from sscd_triton.report import Check
         t = time.perf_counter()
         print(f"[{self.elapsed():6.1f}s] {name}", flush=True)
         try:
@@ -175,7 +175,7 @@ class HalfIsland(nn.Module):
         self.m.backbone.fc.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from export.model import gem
+        from sscd_triton.export.model import gem
         b = self.m.backbone
         x = x.to(torch.float16).contiguous(memory_format=torch.channels_last)
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
@@ -199,9 +199,9 @@ class Autocast(nn.Module):
 
 def load_model(args):
     """(fp32 module, fp16-island module, label)."""
-    from export import checkpoints
-    from export.demo import DEMO_LABEL, demo_model
-    from export.model import SSCD
+    from sscd_triton.export import checkpoints
+    from sscd_triton.export.demo import DEMO_LABEL, demo_model
+    from sscd_triton.export.model import SSCD
     if not args.checkpoint:
         m = demo_model()
         return m, HalfIsland(m), DEMO_LABEL
@@ -309,7 +309,7 @@ def preprocess_batch(decoded: list, size: int):
 
 def decode_checks(photos, model32, model16, ref_run, device: str,
                   size: int | None = None) -> list:
-    from export.report import Check
+    from sscd_triton.report import Check
     pre = spec.PREPROCESS["square320"]
     if size not in (None, pre.size):
         pre = spec.Preprocess(f"square{size}", f"skew_{size}", size, square=True)
@@ -518,8 +518,8 @@ def main(argv=None) -> int:
         print(f"gpu_check: no CUDA device: torch {torch.__version__} sees no GPU; nothing "
               "measured (use --device cpu --smoke to check the logic on a CPU)", file=sys.stderr)
         return EXIT_NO_CUDA
-    from export import validate
-    from export.report import Check
+    from sscd_triton.export import validate
+    from sscd_triton.report import Check
     clock = Clock(args.budget_s)
     device = args.device
     try:  # silent until the inputs are known good: a bad input is one line

@@ -1,7 +1,10 @@
-"""Real photographs that ship inside installed packages (no network at any time).
+"""Real photographs shipped with this package, for parity checks (no network, no extra
+packages).
 
-Sixteen photographs of varied aspect ratios from scikit-image's bundled data and
-scikit-learn's sample images; grayscale ones are converted to RGB as upstream does.
+Sixteen public-domain / CC0 images of varied sizes, aspect ratios and content (colour
+photographs, grayscale scenes, textures, text), stored as JPEG under `data/photos`; see
+`data/photos/LICENSE.md` for their sources. Grayscale ones are converted to RGB as
+upstream does.
 """
 from __future__ import annotations
 
@@ -10,27 +13,18 @@ import os
 
 from PIL import Image
 
-# file name -> package holding it; order is stable so tests and reports can slice it.
+FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "photos")
+
+# Order is stable so tests and reports can slice it.
 PHOTOGRAPHS = (
-    ("astronaut.png", "skimage"), ("coffee.png", "skimage"), ("chelsea.png", "skimage"),
-    ("rocket.jpg", "skimage"), ("china.jpg", "sklearn"), ("flower.jpg", "sklearn"),
-    ("motorcycle_left.png", "skimage"), ("hubble_deep_field.jpg", "skimage"),
-    ("retina.jpg", "skimage"), ("ihc.png", "skimage"), ("camera.png", "skimage"),
-    ("coins.png", "skimage"), ("moon.png", "skimage"), ("grass.png", "skimage"),
-    ("cell.png", "skimage"), ("clock_motion.png", "skimage"),
+    "astronaut.jpg", "coffee.jpg", "chelsea.jpg", "rocket.jpg", "brick.jpg", "gravel.jpg",
+    "microaneurysms.jpg", "hubble_deep_field.jpg", "retina.jpg", "ihc.jpg", "camera.jpg",
+    "coins.jpg", "text.jpg", "grass.jpg", "cell.jpg", "clock_motion.jpg",
 )
 
 
-def _folder(package: str) -> str:
-    if package == "skimage":
-        import skimage.data
-        return os.path.dirname(skimage.data.__file__)
-    import sklearn.datasets
-    return os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
-
-
 def photograph_paths() -> list[str]:
-    return [os.path.join(_folder(pkg), name) for name, pkg in PHOTOGRAPHS]
+    return [os.path.join(FOLDER, name) for name in PHOTOGRAPHS]
 
 
 @functools.lru_cache(maxsize=1)

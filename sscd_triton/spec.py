@@ -107,6 +107,11 @@ PREPROCESS_MODEL = "sscd_preprocess"
 DESCRIPTOR_MODEL = "sscd_descriptor"
 # A PNG of a few KB can claim 60000 x 60000 pixels; refuse anything larger before decoding.
 MAX_IMAGE_PIXELS = 40_000_000
+# Model identity, written by the repository into every config's `parameters` and read by
+# clients, so that an output is never resumed with descriptors of another model.
+PARAM_MODEL_NAME = "sscd_model"  # e.g. "sscd_disc_mixup", or the demo label
+PARAM_WEIGHTS_SHA256 = "sscd_weights_sha256"  # sha256 of the exported descriptor ONNX
+PARAM_PREPROCESS = "preprocess"  # spec.PREPROCESS key
 # How the server words a refused image; clients parse these to isolate bad files.
 BAD_IMAGE_PREFIX = "bad image: "
 BAD_ROW = "item {index} of the request: "

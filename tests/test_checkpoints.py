@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import key_dump, reference_model, to_classy
-from export import checkpoints
+from sscd_triton.export import checkpoints
 
 ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
 

@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from client.io import load_embeddings, load_failures, read_manifest
+from sscd_triton.client.io import load_embeddings, load_failures, read_manifest
 from sscd_triton import samples
-from sscd_triton.server import TritonServer, free_ports
+from sscd_triton.serving.server import TritonServer, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBED = str(ROOT / "client" / "embed.py")
@@ -119,7 +119,7 @@ def test_mixed_folder_every_input_accounted_once(triton, photos, reference, tmp_
     for name in sorted(os.listdir(photos))[:5]:
         shutil.copy(photos / name, folder / name)
         good.append(str(folder / name))
-    shutil.copy(photos / "china.jpg", folder / "sub" / "no_extension")  # found by signature
+    shutil.copy(photos / "coffee.jpg", folder / "sub" / "no_extension")  # found by signature
     good.append(str(folder / "sub" / "no_extension"))
     rocket = (photos / "rocket.jpg").read_bytes()
     hostile = {
@@ -154,7 +154,7 @@ def test_mixed_folder_every_input_accounted_once(triton, photos, reference, tmp_
     assert set(ids) == set(good) and set(failed) == bad  # each exactly once, in one place
     assert_same(out, {i: reference[str(photos / os.path.basename(i))] for i in good
                       if os.path.basename(i) in os.listdir(photos)} | {
-        good[-1]: reference[str(photos / "china.jpg")]}, tol=TOL)
+        good[-1]: reference[str(photos / "coffee.jpg")]}, tol=TOL)
     reasons = {os.path.relpath(f["id"], folder): f["reason"] for f in failures}
     assert all(len(reason.split()) >= 4 for reason in reasons.values()), reasons
     assert reasons["empty.jpg"] == "the file is empty (0 bytes)"
@@ -271,7 +271,7 @@ def test_parity_table_and_bound(triton, photos, reference, tmp_path):
     assert "centered cosine (min)" in r.stdout and "top-1 agreement" in r.stdout
     assert "all checks passed" in r.stdout and "FAIL" not in r.stdout
 
-    from export.demo import write_demo_checkpoint
+    from sscd_triton.export.demo import write_demo_checkpoint
 
     other = write_demo_checkpoint(str(tmp_path / "other.torchvision.pt"), seed=1)
     r = embed(*some, "--output", out, "--check-parity", "6", "--checkpoint", other, "--quiet",
@@ -282,7 +282,7 @@ def test_parity_table_and_bound(triton, photos, reference, tmp_path):
 
 def test_client_is_torch_free_and_usage_errors(triton, photos, tmp_path):
     code = ("import sys; from client import embed; "
-            f"rc = embed.main([{str(photos / 'coins.png')!r}, '--url', {triton.server.grpc_url!r},"
+            f"rc = embed.main([{str(photos / 'coins.jpg')!r}, '--url', {triton.server.grpc_url!r},"
             f" '--output', {str(tmp_path / 'one.npz')!r}, '--quiet']); "
             "print('TORCH', 'torch' in sys.modules, rc)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

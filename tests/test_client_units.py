@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from client import io as outio
-from client import pipeline, postprocess, sources, transport
-from client.idset import IdSet
+from sscd_triton.client import io as outio
+from sscd_triton.client import pipeline, postprocess, sources, transport
+from sscd_triton.client.idset import IdSet
 from sscd_triton import images, samples
 
 # --- sources ----------------------------------------------------------------------------
@@ -538,12 +538,12 @@ def test_batches_group_shapes_and_cap_padding():
 
 
 def test_short_edge_mode_groups_by_output_shape():
-    from client.pipeline import Options, load_item, make_batches
+    from sscd_triton.client.pipeline import Options, load_item, make_batches
     from sscd_triton import spec
 
     opts = Options(batch_size=8, preprocess=spec.PREPROCESS["short288"])
     paths = samples.photograph_paths()
-    wide, tall = paths[4], paths[6]  # china.jpg 640x427, motorcycle_left.png
+    wide, tall = paths[1], paths[14]  # coffee.jpg 512x341, cell.jpg 427x512
     items = [load_item(p, None, opts) for p in (wide, tall, wide)]
     items = [transport.Item(f"{k}", i.payload, i.size, key=i.key) for k, i in enumerate(items)]
     shapes = [sorted(i.id for i in b) for b in make_batches(items, opts)]

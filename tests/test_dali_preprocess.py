@@ -21,14 +21,12 @@ dali = pytest.importorskip(
     "nvidia.dali", reason="nvidia.dali is not installed (pip install nvidia-dali-cuda120); "
     "the gpu target's preprocessing is a DALI pipeline")
 torch = pytest.importorskip("torch")
-pytest.importorskip("skimage")
-pytest.importorskip("sklearn")
 
 from conftest import reference_model  # noqa: E402
 from nvidia.dali._utils.autoserialize import _discover_autoserialize  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from export import dali_pipeline  # noqa: E402
+from sscd_triton.serving import dali_pipeline  # noqa: E402
 from sscd_triton import images, parity, samples, spec  # noqa: E402
 
 FORMATS = {"JPEG": {"quality": 95}, "PNG": {}}

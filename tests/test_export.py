@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from export import export_onnx
+from sscd_triton.cli import export_onnx
 from sscd_triton import runtime, spec
 
 CASES = [(layout, precision) for layout in ("torchvision", "classy", "torchscript", "classy_large")

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import build_repository, checkpoints, repository, serve_check
+from sscd_triton.cli import build_repository, serve_check
+from sscd_triton.export import checkpoints
+from sscd_triton.serving import repository
 from sscd_triton import images, samples, spec
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -305,7 +307,7 @@ def test_docker_files_lint_clean():
 def served(ckpts, tmp_path_factory):
     import tritonclient.grpc as grpcclient
 
-    from sscd_triton.server import TritonServer
+    from sscd_triton.serving.server import TritonServer
 
     out = tmp_path_factory.mktemp("repo") / "cpu"
     path = ckpts[0]["torchvision"]
@@ -347,7 +349,7 @@ def test_ensemble_parity_in_every_format(served):
 def test_model_only_parity(served):
     import tritonclient.grpc as grpcclient
 
-    from export.validate import torch_runner
+    from sscd_triton.export.validate import torch_runner
 
     _, client, model = served
     x = np.stack([images.to_tensor(img, spec.PREPROCESS["square320"])

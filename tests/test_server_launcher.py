@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sscd_triton.server import TritonServer
+from sscd_triton.serving.server import TritonServer
 
 MODEL_PY = """\
 import sys

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from export.report import Check
+from sscd_triton.report import Check
 from sscd_triton import samples, spec
 
 PRECISIONS = spec.PRECISIONS

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from export.model import SSCD
+from sscd_triton.export.model import SSCD
 from sscd_triton import spec
 
 

@@ -41,13 +41,13 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.endpoints import Endpoint, Endpoints, make_client  # noqa: F401  (re-exported)
-from client.errors import (BATCH, BUSY, ERROR, REJECT, RESTRICTED, RETRY, SHM,  # noqa: F401
+from sscd_triton.client.endpoints import Endpoint, Endpoints, make_client  # noqa: F401  (re-exported)
+from sscd_triton.client.errors import (BATCH, BUSY, ERROR, REJECT, RESTRICTED, RETRY, SHM,  # noqa: F401
                            Fatal, GiveUp, answered, classify, clean_message, is_dali,
                            restricted, split, status_name)
-from client.errors import ITEM as _ITEM
-from client.errors import MAX_ROWS as _MAX_ROWS
-from client.shm import SHM_PREFIX, ShmSlots, remove_stale_regions  # noqa: F401
+from sscd_triton.client.errors import ITEM as _ITEM
+from sscd_triton.client.errors import MAX_ROWS as _MAX_ROWS
+from sscd_triton.client.shm import SHM_PREFIX, ShmSlots, remove_stale_regions  # noqa: F401
 from sscd_triton import spec
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from export.report import Check
+from sscd_triton.report import Check
 from sscd_triton import images, parity, samples, spec
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 [N,3,H,W] -> float32 [N,dims]

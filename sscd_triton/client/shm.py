@@ -17,8 +17,8 @@ from typing import Any
 
 from tritonclient.utils import InferenceServerException
 
-from client.endpoints import Endpoint
-from client.errors import RESTRICTED, RETRY, Fatal, classify, clean_message, restricted
+from sscd_triton.client.endpoints import Endpoint
+from sscd_triton.client.errors import RESTRICTED, RETRY, Fatal, classify, clean_message, restricted
 
 SHM_PREFIX = "sscd_embed_"
 _REGION = re.compile(re.escape(SHM_PREFIX) + r"(\d+)_[0-9a-f]{6}_\d+_\d+_(?:in|out)")

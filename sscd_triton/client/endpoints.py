@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import tritonclient.grpc.aio as grpcaio
 
-from client.errors import GiveUp, clean_message, status_name
+from sscd_triton.client.errors import GiveUp, clean_message, status_name
 
 _MAX_GRPC = 2 ** 31 - 1
 

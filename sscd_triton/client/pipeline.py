@@ -26,9 +26,9 @@ from typing import Iterable, Protocol
 import numpy as np
 from PIL import Image
 
-from client import sources
-from client.idset import IdSet
-from client.transport import Item, Sender
+from sscd_triton.client import sources
+from sscd_triton.client.idset import IdSet
+from sscd_triton.client.transport import Item, Sender
 from sscd_triton import images, spec
 
 

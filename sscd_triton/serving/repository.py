@@ -38,7 +38,7 @@ WORKSPACE_MIB = 4096
 # short288 keeps the aspect ratio: H and W are dynamic. The profile must bound them; images
 # longer than this many times their short side fail their batch on the gpu target.
 SHORT_MAX_ASPECT = 3
-PYTHON_SHIM = "from sscd_triton.{module} import TritonPythonModel  # noqa: F401\n"
+PYTHON_SHIM = "from sscd_triton.serving.{module} import TritonPythonModel  # noqa: F401\n"
 
 
 @dataclass(frozen=True)

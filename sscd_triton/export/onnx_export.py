@@ -8,8 +8,8 @@ import warnings
 import onnx
 import torch
 
-from export import checkpoints, fp16, validate
-from export.report import Check, Report
+from sscd_triton.export import checkpoints, fp16, validate
+from sscd_triton.report import Check, Report
 from sscd_triton import runtime, spec
 
 PRECISIONS = spec.PRECISIONS

@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from client import io as outio
-from client import sources
+from sscd_triton.client import io as outio
+from sscd_triton.client import sources
 from sscd_triton import images, parity, spec
 
 
@@ -49,8 +49,8 @@ def check(output: str, n: int, checkpoint: str, preprocess: spec.Preprocess,
     """Print the parity table for `n` sampled inputs of `output`; True when it passes."""
     import torch
 
-    from export import checkpoints
-    from export.report import Check, Report
+    from sscd_triton.export import checkpoints
+    from sscd_triton.report import Check, Report
 
     stream = stream or sys.stdout
     report = Report(f"parity: served descriptors vs PyTorch ({checkpoint}, "

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from export.model import SSCD
+from sscd_triton.export.model import SSCD
 
 DEMO_LABEL = "demo weights (seeded random, UNTRAINED: descriptors are meaningless)"
 
