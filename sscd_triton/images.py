@@ -26,6 +26,24 @@ class ImageError(ValueError):
     """An input that is not a decodable image; the message says why, for a person."""
 
 
+def sniff_format(head: bytes) -> str | None:
+    """The format of a file whose first bytes (12 or more) are `head`: one of `FORMATS`
+    by its signature, or None (not an image this project reads, or too short to tell)."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:2] == b"BM" and len(head) >= 14:
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
 def trim_padding(data: bytes) -> bytes:
     """Drop the zero padding that packs files of different lengths into one request.
 
@@ -34,11 +52,36 @@ def trim_padding(data: bytes) -> bytes:
     WebP's RIFF header gives its length, so for them the padding can be told from the
     file; BMP and TIFF cannot, and are best sent one per request.
     """
-    if data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:4] == b"GIF8":
+    fmt = sniff_format(data)
+    if fmt in ("JPEG", "PNG", "GIF"):
         return data.rstrip(b"\0")
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    if fmt == "WEBP":
         return data[: 8 + int.from_bytes(data[4:8], "little")]
     return data
+
+
+def looks_complete(data: bytes) -> bool:
+    """Whether an encoded image visibly ends where its format says it ends.
+
+    Requests pad every row with zeros to the longest one, and zeros after a *truncated*
+    file can let a decoder finish it (a JPEG cut to a third decodes once ~200 KB of zeros
+    follow it). Files that fail this check are sent alone, unpadded, so the verdict is the
+    one on their exact bytes, whatever their neighbours. Garbage fails it too, so it
+    never costs a batch a split.
+    """
+    fmt = sniff_format(data)
+    tail = data.rstrip(b"\x00")
+    if fmt == "JPEG":
+        return tail.endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return tail.endswith(b"IEND\xaeB`\x82")
+    if fmt == "GIF":
+        return tail.endswith(b";")
+    if fmt == "BMP":
+        return 26 <= int.from_bytes(data[2:6], "little") <= len(data)
+    if fmt == "WEBP":
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return False  # TIFF (no end marker) or not an image: alone
 
 
 def decode(data: bytes, max_pixels: int = spec.MAX_IMAGE_PIXELS) -> Image.Image:
@@ -90,9 +133,10 @@ def load_tensor(data: bytes, preprocess: spec.Preprocess,
     return to_tensor(img, preprocess)
 
 
-def pack_rows(encoded: list[bytes]) -> np.ndarray:
-    """Several encoded files as one request tensor: uint8 `[B, max length]`, zero-padded
-    (the ensemble's input convention; decoders ignore trailing bytes of complete files)."""
+def pack_rows(encoded: list) -> np.ndarray:
+    """Several encoded files (bytes, bytearray or memoryview) as one request tensor: uint8
+    `[B, max length]`, zero-padded (the ensemble's input convention; decoders ignore
+    trailing bytes of complete files, see `trim_padding` and `looks_complete`)."""
     out = np.zeros((len(encoded), max(len(b) for b in encoded)), np.uint8)
     for i, b in enumerate(encoded):
         out[i, : len(b)] = np.frombuffer(b, np.uint8)

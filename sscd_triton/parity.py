@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sscd_triton import spec
+from sscd_triton.report import Check
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -88,3 +89,35 @@ def pipeline_failures(p: Parity, resampled: bool = False) -> list[str]:
 def exact_failures(p: Parity, bound: float = spec.FP32_MAX_ABS) -> list[str]:
     """Bound for the same computation on another runtime (fp32 model parity)."""
     return [] if p.max_abs <= bound else [f"max |difference| {p.max_abs:.2e} > {bound:.0e}"]
+
+
+def checks(name: str, p: Parity, exact: bool, resampled: bool = False,
+           per_measure: bool = False, also: list[str] | None = None) -> list[Check]:
+    """Report rows for `p` with their bounds: the one place parity becomes checks.
+
+    `exact`: the same computation on another runtime (fp32 model parity), bounded by
+    `exact_failures`; else a changed pipeline (fp16, or other pixels), bounded by
+    `pipeline_failures(p, resampled)`. One row `name` holding every measure; with
+    `per_measure` (pipeline bounds only) a row per bound, named by its measure after
+    `name`. `also`: further failures of the same candidate (e.g. non-unit norms), which
+    fail the single row."""
+    fails = (exact_failures(p) if exact else pipeline_failures(p, resampled)) + list(also or ())
+    if exact:
+        detail, bound = f"max|diff| {p.max_abs:.1e}", f"<= {spec.FP32_MAX_ABS:.0e}"
+    else:
+        cos_min, ratio_max = pipeline_bounds(resampled)
+        if per_measure:
+            prefix = f"{name}: " if name else ""
+            return [
+                Check(prefix + "centered cosine (min)", p.centered_cosine_min >= cos_min,
+                      f"{p.centered_cosine_min:.6f} over {p.n} images", f">= {cos_min}",
+                      p.as_dict()),
+                Check(prefix + "error / nearest other (max)", p.nearest_ratio_max <= ratio_max,
+                      f"{p.nearest_ratio_max:.4f}", f"<= {ratio_max}"),
+                Check(prefix + "top-1 agreement", p.top1_all, f"{p.top1}/{p.n}", "all"),
+            ] + [Check(prefix + "descriptors", False, f) for f in also or ()]
+        detail = (f"ccos {p.centered_cosine_min:.5f} ratio {p.nearest_ratio_max:.4f} "
+                  f"top1 {p.top1}/{p.n}")
+        bound = f"ccos >= {cos_min}, ratio <= {ratio_max}, top1 all"
+    return [Check(name, not fails, detail + ("" if not fails else " (" + "; ".join(fails) + ")"),
+                  bound, p.as_dict())]

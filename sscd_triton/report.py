@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+
+from sscd_triton import files
 
 
 @dataclass
@@ -64,7 +65,4 @@ class Report:
     def write_json(self, path: str) -> None:
         doc = {"title": self.title, "passed": self.passed, **self.facts,
                "checks": [asdict(c) | {"mark": c.mark} for c in self.checks]}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, path)
+        files.write_atomic(path, json.dumps(doc, indent=2))

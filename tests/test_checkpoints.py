@@ -64,7 +64,51 @@ def test_missing_file(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     p = tmp_path / "notes.classy.pt"
     p.write_text("hello, I am text\n")
-    assert "not a PyTorch checkpoint" in _fail(p, "--output", str(tmp_path / "m.onnx"))
+    line = _fail(p, "--output", str(tmp_path / "m.onnx"))
+    assert f"{p} is not an SSCD checkpoint: a text file (it begins 'hello, I am text')" in line
+
+
+def _not_sscd(path) -> str:
+    """The one-line reason, which never advises loading with code execution."""
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.load(str(path))
+    message = str(e.value)
+    assert "\n" not in message and "weights_only" not in message
+    assert "arbitrary code" not in message and "trusted source" not in message
+    return message
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are_not(tmp_path, recwarn):
+    import argparse
+    import pickle
+
+    text = tmp_path / "readme.pt"
+    text.write_text("# my model\nweights are elsewhere\n")
+    assert _not_sscd(text).startswith(f"{text} is not an SSCD checkpoint: a text file")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert _not_sscd(empty).endswith("the file is empty")
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(7, 200)))
+    assert "not a PyTorch checkpoint (it begins with bytes 07 08 09" in _not_sscd(noise)
+    archive = tmp_path / "photos.zip.pt"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("a.jpg", b"x")
+        z.writestr("b.jpg", b"y")
+    assert _not_sscd(archive).endswith("a zip archive without PyTorch's data.pkl (it holds a.jpg, b.jpg)")
+    objects = tmp_path / "objects.pt"
+    torch.save({"config": argparse.Namespace(lr=0.1), "w": torch.zeros(2)}, objects)
+    line = _not_sscd(objects)
+    assert line.startswith(f"{objects} is not an SSCD checkpoint: it holds Python objects other "
+                           "than tensors (argparse.Namespace)") and "was not loaded" in line
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    assert _not_sscd(plain).endswith("a plain Python pickle, not a file written by torch.save")
+    assert _not_sscd(tmp_path / "plain.pt")  # twice: nothing cached, nothing printed
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+    listed = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], listed)
+    assert _not_sscd(listed).endswith("it holds a list, not a state_dict of tensors")
 
 
 def test_truncated_file(ckpts, tmp_path):
@@ -120,7 +164,8 @@ def test_zip_that_is_not_torch(tmp_path):
     p = tmp_path / "x.torchscript.pt"
     with zipfile.ZipFile(p, "w") as z:
         z.writestr("readme.txt", "not a model")
-    assert _fail(p, "--output", str(tmp_path / "m.onnx"))
+    line = _fail(p, "--output", str(tmp_path / "m.onnx"))
+    assert f"{p} is not an SSCD checkpoint: a zip archive without PyTorch's data.pkl" in line
 
 
 def test_published_names_are_known_with_their_trunk_and_dims():

@@ -1,5 +1,9 @@
 """client/embed.py against the real local tritonserver (cpu repository, demo weights).
 
+Folder outputs are Parquet (`embeddings/*.parquet`, `failures/*.parquet`); the kill -9
+tests cover both resume designs: by ids (folders, globs, .npz) and by partitions
+(list files, stdin).
+
 One repository is built per session (max batch 8, to stay light) and served by one
 server; the last test stops and restarts it. Every run goes through
 `python client/embed.py` as a user would run it, as a subprocess.
@@ -65,10 +69,12 @@ def start_embed(*args, url) -> subprocess.Popen:
 
 
 def shards_in(folder: Path) -> int:
+    """Embedding shards written so far (each one complete: written whole, renamed)."""
     try:
-        return len(read_manifest(str(folder))["shards"])
-    except Exception:  # not written yet, or being replaced
+        names = os.listdir(folder / "embeddings")
+    except FileNotFoundError:
         return 0
+    return sum(1 for n in names if n.endswith(".parquet") and not n.startswith("."))
 
 
 def wait_for_shards(folder: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -178,7 +184,9 @@ def test_mixed_folder_every_input_accounted_once(triton, photos, reference, tmp_
     assert sorted(f["id"] for f in load_failures(str(out))) == sorted(failed)
 
 
-def test_sharded_output_from_stdin(triton, photos, reference, tmp_path):
+def test_parquet_output_from_stdin(triton, photos, reference, tmp_path):
+    import pyarrow.parquet as pq
+
     out = tmp_path / "sharded"
     paths = "".join(f"{photos / n}\n" for n in sorted(os.listdir(photos)))
     r = embed("-", "--output", out, "--shard-size", "5", "--batch-size", "4", "--quiet",
@@ -188,8 +196,18 @@ def test_sharded_output_from_stdin(triton, photos, reference, tmp_path):
     assert manifest["complete"] and manifest["count"] == 16 and manifest["failures"] == 0
     assert manifest["dims"] == 512 and manifest["model"] == "sscd"
     assert manifest["preprocess"] == "square320" and manifest["urls"] == [triton.server.grpc_url]
-    assert len(manifest["shards"]) >= 2
-    assert (out / "failures.jsonl").read_text() == ""
+    assert manifest["model_version"] == "1" and manifest["resume"] == "partitions"
+    config = (triton.repo / "sscd" / "config.pbtxt").read_text()
+    if "sscd_weights_sha256" in config:  # the repository records its weights
+        assert len(manifest["weights_sha256"]) == 64 and manifest["weights_sha256"] in config
+        assert manifest["sscd_model"] in config
+    assert shards_in(out) >= 2 and load_failures(str(out)) == []
+    table = pq.read_table(out / "embeddings")  # a plain Parquet dataset
+    assert table.num_rows == 16 and table.column_names == ["id", "embedding"]
+    assert table.schema.field("embedding").type.list_size == 512
+    meta = table.schema.metadata
+    assert meta[b"model"] == b"sscd" and meta[b"preprocess"] == b"square320"
+    assert meta[b"weights_sha256"].decode() == str(manifest["weights_sha256"] or "unknown")
     assert_same(out, reference)
 
 
@@ -209,6 +227,76 @@ def test_kill_9_then_resume(triton, photos, reference, tmp_path):
     assert "resuming" in r.stderr and "skipped 0 " not in r.stdout
     assert_same(out, reference)
     assert load_failures(str(out)) == []
+
+
+def test_kill_9_then_resume_partitioned(triton, photos, reference, tmp_path):
+    """A list file cut into partitions of 4 lines: killed mid-run, the rerun skips the
+    finished partitions (their markers) and completes with every input once."""
+    lst = tmp_path / "photos.txt"
+    lst.write_text("".join(f"{photos / n}\n" for n in sorted(os.listdir(photos))))
+    out = tmp_path / "parts"
+    args = (f"@{lst}", "--output", out, "--batch-size", "2", "--shard-size", "2",
+            "--partition-size", "4", "--concurrency", "1", "--quiet")
+    proc = start_embed(*args, url=triton.server.grpc_url)
+    wait_for_shards(out, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = len(os.listdir(out / "partitions"))
+    assert done_before < 4 and shards_in(out) < 8
+
+    r = embed(*args, url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and "skipped 0 " not in r.stdout
+    assert_same(out, reference)
+    assert load_failures(str(out)) == []
+    assert len([n for n in os.listdir(out / "partitions") if n.endswith(".json")]) == 4
+    again = embed(*args, url=triton.server.grpc_url)
+    assert again.returncode == 0 and "skipped 16 (done before" in again.stdout
+
+
+def test_resume_with_another_model_is_refused(triton, photos, reference, tmp_path):
+    """The same repository with another weights fingerprint in its configs (as a rebuild
+    from another checkpoint writes): resuming an output of the first is refused, in one
+    line naming both."""
+    import re
+
+    repo = tmp_path / "repo2"
+    shutil.copytree(triton.repo, repo, symlinks=True)
+    for config in repo.glob("*/config.pbtxt"):
+        text = config.read_text()
+        param = ('parameters {\n  key: "sscd_weights_sha256"\n  value {\n    string_value: "'
+                 + "f" * 64 + '"\n  }\n}\n')
+        text, n = re.subn(r'parameters \{\s*key: "sscd_weights_sha256"\s*value \{\s*'
+                          r'string_value: "[0-9a-f]*"\s*\}\s*\}\n?', param, text)
+        config.write_text(text if n else text + param)
+    some = [str(photos / n) for n in sorted(os.listdir(photos))[:3]]
+    out = tmp_path / "out"
+    r = embed(*some[:2], "--output", out, "--quiet", url=triton.server.grpc_url)
+    assert r.returncode == 0, r.stderr
+    server = TritonServer(repo, log_path=tmp_path / "other.log").start()
+    try:
+        r = embed(*some, "--output", out, "--quiet", url=server.grpc_url)
+        assert r.returncode == 2, r.stderr
+        lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and "use another --output" in lines[0], r.stderr
+        assert "ffffffffffff" in lines[0] and "holds descriptors of sscd v1" in lines[0]
+        assert read_manifest(str(out))["weights_sha256"] != "f" * 64
+        assert_same(out, {i: reference[i] for i in some[:2]})  # nothing mixed in
+    finally:
+        server.stop()
+
+
+def test_http_port_and_missing_inputs_say_so(triton, photos, tmp_path):
+    http = f"127.0.0.1:{triton.server.http_port}"
+    r = embed(photos, "--output", tmp_path / "h", "--give-up-after", "3", "--quiet", url=http)
+    assert r.returncode == 3, r.stderr
+    assert f"{http} looks like Triton's HTTP port; gRPC is usually 8001" in r.stderr.splitlines()[-1]
+    r = embed(photos, tmp_path / "nowhere.jpg", "--output", tmp_path / "m", "--quiet",
+              url=triton.server.grpc_url)
+    assert r.returncode == 2 and f"error: {tmp_path / 'nowhere.jpg'}: no such file or directory" \
+        in r.stderr
+    assert not (tmp_path / "m").exists()  # before anything ran
 
 
 def test_no_server_exits_3_within_give_up_time(photos, tmp_path):
@@ -299,6 +387,7 @@ def test_client_is_torch_free_and_usage_errors(triton, photos, tmp_path):
         assert r.returncode == 2 and message in r.stderr, r.stderr
     r = embed("--help")
     assert r.returncode == 0 and "Exit status" in r.stdout and "130" in r.stdout
+    assert "(default: 8)" in r.stdout and "(default: 10000)" in r.stdout
 
 
 def test_restricted_admin_apis(triton, photos, reference, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import struct
 import zlib
@@ -89,11 +90,11 @@ def test_read_problems_are_sentences(tree):
 
 def test_looks_complete():
     photo = open(samples.photograph_paths()[3], "rb").read()  # rocket.jpg
-    assert sources.looks_complete(photo)
-    assert sources.looks_complete(photo + b"\0" * 100)
-    assert not sources.looks_complete(photo[: len(photo) // 3])
-    assert sources.looks_complete(_png(3, 3)) and not sources.looks_complete(_png(3, 3)[:-5])
-    assert not sources.looks_complete(b"<html>not an image</html>")
+    assert images.looks_complete(photo)
+    assert images.looks_complete(photo + b"\0" * 100)
+    assert not images.looks_complete(photo[: len(photo) // 3])
+    assert images.looks_complete(_png(3, 3)) and not images.looks_complete(_png(3, 3)[:-5])
+    assert not images.looks_complete(b"<html>not an image</html>")
 
 
 # --- idset ------------------------------------------------------------------------------
@@ -106,44 +107,100 @@ def test_idset_dedupes_across_flushes():
     assert "x19" in s and "b" in s and "zz" not in s and len(s) == 25
 
 
-# --- io: shards, resume, npz ------------------------------------------------------------
+# --- io: Parquet shards, resume, identity, npz -------------------------------------------
 
-META = {"model": "m", "dims": 4, "preprocess": "square320", "preprocess_on": "server",
-        "urls": ["u:1"]}
+META = {"model": "m", "model_version": "1", "sscd_model": "sscd_disc_mixup",
+        "weights_sha256": "ab" * 32, "dims": 4, "preprocess": "square320",
+        "preprocess_on": "server", "urls": ["u:1"]}
 
 
 def _emb(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
 
 
-def test_shard_store_resume_ignores_partial_writes(tmp_path):
+def test_shard_store_writes_parquet_and_resume_ignores_partial_writes(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
     d = str(tmp_path / "out")
     s = outio.ShardStore(d, META, shard_size=3).open()
     s.add(["a", "b"], _emb(2))
     s.add(["c", "d"], _emb(2, 1))  # 4 >= 3: shard 0 committed
     s.fail("bad", "the file is empty (0 bytes)")
     s.add(["e"], _emb(1, 2))  # pending only: lost by the "crash" below
-    # simulate kill -9: a torn failure line, an orphan shard, a tmp file
-    with open(os.path.join(d, "failures.jsonl"), "ab") as f:
-        f.write(b'{"id": "tor')
-    np.save(os.path.join(d, "ids-00001.npy"), np.array(["zzz"]))
-    open(os.path.join(d, "embeddings-00002.npy.tmp"), "wb").close()
+    s._writer.drain()
+    # simulate kill -9: a temporary file left by a write cut short
+    open(os.path.join(d, "embeddings", ".part-00001.parquet.123.tmp"), "wb").close()
     s._unlock()  # the "killed" process's lock went with it
+    table = pq.read_table(os.path.join(d, "embeddings", "part-00000.parquet"))
+    assert table.schema.field("id").type == "string"
+    kind = table.schema.field("embedding").type
+    assert kind.list_size == 4 and str(kind.value_type) == "float"  # fixed_size_list<float>[4]
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert meta["model"] == "m" and meta["weights_sha256"] == "ab" * 32
+    assert meta["preprocess"] == "square320" and meta["dims"] == "4" and meta["created_by"]
     s2 = outio.ShardStore(d, {**META, "urls": ["u:2"]}, shard_size=3).open()
     done = [i for chunk in s2.done_ids() for i in chunk]
-    assert sorted(done) == ["a", "b", "bad", "c", "d"]
-    assert not any(".tmp" in n for n in os.listdir(d))
-    s2.fail("bad2", "reason two")
+    assert sorted(done) == ["a", "b", "c", "d"]  # "bad" was pending too: redone
+    assert not any(".tmp" in n for n in os.listdir(os.path.join(d, "embeddings")))
+    s2.fail("bad", "the file is empty (0 bytes)")
     s2.add(["e"], _emb(1, 2))
     s2.close(complete=True)
     ids, emb = outio.load_embeddings(d)
     assert list(ids) == ["a", "b", "c", "d", "e"] and emb.shape == (5, 4)
-    assert [f["id"] for f in outio.load_failures(d)] == ["bad", "bad2"]
+    assert emb.dtype == np.float32 and np.allclose(emb[4], _emb(1, 2)[0])
+    assert outio.load_failures(d) == [{"id": "bad", "reason": "the file is empty (0 bytes)"}]
     manifest = outio.read_manifest(d)
-    assert manifest["complete"] and manifest["count"] == 5 and manifest["failures"] == 2
-    assert manifest["urls"] == ["u:1", "u:2"]
-    with pytest.raises(outio.OutputError, match="dims"):
+    assert manifest["complete"] and manifest["count"] == 5 and manifest["failures"] == 1
+    assert manifest["urls"] == ["u:1", "u:2"] and manifest["weights_sha256"] == "ab" * 32
+    with pytest.raises(outio.OutputError, match="4 dims.*8 dims"):
         outio.ShardStore(d, {**META, "dims": 8}).open()
+
+
+def _one(folder, meta):
+    store = outio.ShardStore(folder, meta).open()
+    store.add(["a"], _emb(1))
+    store.close(complete=True)
+
+
+def test_identity_mismatch_is_refused_with_one_line(tmp_path):
+    d = str(tmp_path / "out")
+    _one(d, META)
+    other = {**META, "weights_sha256": "cd" * 32, "sscd_model": "sscd_disc_blur"}
+    with pytest.raises(outio.OutputError) as e:
+        outio.ShardStore(d, other).open()
+    message = str(e.value)
+    assert "\n" not in message and "use another --output" in message
+    assert "sscd_disc_mixup" in message and "sscd_disc_blur" in message
+    assert "abababababab" in message and "cdcdcdcdcdcd" in message
+    # same weights, another version (redeployed): fine; unknown weights: version matters
+    outio.ShardStore(d, {**META, "model_version": "2"}).open().close(complete=True)
+    with pytest.raises(outio.OutputError, match="add --header"):
+        outio.ShardStore(d, {**META, "weights_sha256": None}).open()
+    d2 = str(tmp_path / "unknown")
+    plain = {**META, "weights_sha256": None, "sscd_model": None}
+    _one(d2, plain)
+    assert outio.read_manifest(d2)["weights_sha256"] is None
+    outio.ShardStore(d2, plain).open().close(complete=True)  # unknown matches unknown
+    with pytest.raises(outio.OutputError, match="v1 .*but this run has m v2"):
+        outio.ShardStore(d2, {**plain, "model_version": "2"}).open()
+    with pytest.raises(outio.OutputError, match="server"):
+        outio.ShardStore(d2, {**plain, "preprocess_on": "client"}).open()
+    d3 = str(tmp_path / "empty")  # nothing embedded yet (a run stopped early): any model
+    outio.ShardStore(d3, plain).open().close(complete=False)
+    outio.ShardStore(d3, META).open().close(complete=True)
+    assert outio.read_manifest(d3)["weights_sha256"] == META["weights_sha256"]
+
+
+def test_ids_that_are_not_utf8_round_trip_for_resume(tmp_path):
+    d = str(tmp_path / "out")
+    odd = b"dir/\xff.jpg".decode("utf-8", "surrogateescape")
+    s = outio.ShardStore(d, META).open()
+    s.add([odd], _emb(1))
+    s.close(complete=True)
+    stored = outio.load_embeddings(d)[0].tolist()
+    assert stored == ["dir/\\xff.jpg"]
+    seen = IdSet()
+    seen.add_new(stored)
+    assert odd in seen
 
 
 def test_npz_output_assembles_and_reopens(tmp_path):
@@ -156,6 +213,8 @@ def test_npz_output_assembles_and_reopens(tmp_path):
         outio.load_embeddings(path)
     out.finalize()
     assert not os.path.exists(outio.work_dir(path))
+    with np.load(path) as z:  # the file a user gets: unchanged
+        assert sorted(z.files) == ["embeddings", "ids", "meta"] and z["ids"].dtype.kind == "U"
     ids, emb = outio.load_embeddings(path)
     assert list(ids) == ["a", "b", "c"] and np.allclose(emb, _emb(3))
     assert outio.load_failures(path) == [
@@ -167,6 +226,8 @@ def test_npz_output_assembles_and_reopens(tmp_path):
     store2.add(["d"], _emb(1, 5))
     out2.finalize()
     assert list(outio.load_embeddings(path)[0]) == ["a", "b", "c", "d"]
+    with pytest.raises(outio.OutputError, match="use another --output"):
+        outio.NpzOutput(path, {**META, "weights_sha256": "ff" * 32}).open()
 
 
 def test_one_writer_per_output(tmp_path):
@@ -206,6 +267,156 @@ def test_npz_import_cut_short_is_redone(tmp_path, monkeypatch):
     monkeypatch.setattr(outio, "_write_json", real)
     store = outio.NpzOutput(path, META).open()
     assert sorted(i for c in store.done_ids() for i in c) == ["a", "b"]
+
+
+def test_write_errors_stop_the_run_and_keep_what_is_written(tmp_path, monkeypatch):
+    d = str(tmp_path / "out")
+    s = outio.ShardStore(d, META, shard_size=1).open()
+    s.add(["a"], _emb(1))
+    s._writer.drain()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outio, "write_embeddings", full)
+    s.add(["b"], _emb(1))
+    with pytest.raises(outio.WriteError, match="No space left"):
+        s._writer.drain()
+    with pytest.raises(outio.WriteError):
+        s.close(complete=True)
+    monkeypatch.undo()
+    assert outio.read_manifest(d)["complete"] is False
+    assert list(outio.load_embeddings(d)[0]) == ["a"]
+
+
+def test_legacy_numpy_folders_still_load(tmp_path):
+    d = tmp_path / "v1"
+    d.mkdir()
+    np.save(d / "embeddings-00000.npy", _emb(2))
+    np.save(d / "ids-00000.npy", np.array(["p", "q"]))
+    (d / "manifest.json").write_text(json.dumps({
+        "format": outio.FORMAT, "version": 1, "dims": 4, "shards": [
+            {"embeddings": "embeddings-00000.npy", "ids": "ids-00000.npy", "count": 2}]}))
+    (d / "failures.jsonl").write_text('{"id": "z", "reason": "r"}\n')
+    ids, emb = outio.load_embeddings(str(d))
+    assert list(ids) == ["p", "q"] and np.allclose(emb, _emb(2))
+    assert outio.load_failures(str(d)) == [{"id": "z", "reason": "r"}]
+    with pytest.raises(outio.OutputError, match="older embed.py"):
+        outio.ShardStore(str(d), META).open()
+
+
+def test_duckdb_reads_the_folder(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    d = str(tmp_path / "out")
+    s = outio.ShardStore(d, META, shard_size=2).open()
+    s.add(["a", "b", "c"], _emb(3))
+    s.fail("x", "reason")
+    s.close(complete=True)
+    rows = duckdb.sql(f"SELECT id, embedding FROM '{d}/embeddings/*.parquet' ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == ["a", "b", "c"]
+    assert np.allclose(np.array([r[1] for r in rows], np.float32), _emb(3))
+    assert duckdb.sql(f"SELECT id, reason FROM '{d}/failures/*.parquet'").fetchall() == [
+        ("x", "reason")]
+
+
+def test_load_embeddings_is_exported_and_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys; from sscd_triton import load_embeddings, load_failures; "
+            "print('torch' in sys.modules, 'tritonclient' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["False", "False"], r.stderr
+
+
+# --- partitions: resume without reading finished partitions ------------------------------
+
+def _run_partitioned(d, args, embed_ids=None, crash_after=None, shard_size=2, size=3):
+    """Run the plan of `args` into a partitioned store the way the pipeline does (no
+    server): every fresh id embedded (or failed when it ends with '.bad'). `crash_after`:
+    stop (like kill -9) after that many results, leaving the store unclosed."""
+    store = outio.ShardStore(d, META, shard_size=shard_size, partitioned=True,
+                             partition_size=size).open()
+    done = 0
+    for unit in pipeline.plan(store, args, size):
+        if unit.skip:
+            continue
+        seen = unit.seen()
+        raw = list(unit.items)
+        fresh = seen.add_new([i for i, _ in raw])
+        kept = [pipeline._tag(i, unit.partition) for (i, _), f in zip(raw, fresh) if f]
+        store.expect(kept)
+        for i in kept:
+            if crash_after is not None and done >= crash_after:
+                store._writer.drain()
+                store._unlock()
+                return store
+            if i.endswith(".bad"):
+                store.fail(i, "bad")
+            else:
+                store.add([i], np.full((1, 4), len(i), np.float32))
+            done += 1
+        store.end_partition(unit.partition)
+    store.close(complete=True)
+    return store
+
+
+def test_partitioned_resume_reads_only_unfinished_partitions(tmp_path, monkeypatch):
+    lists = []
+    for k in range(3):
+        lst = tmp_path / f"list{k}.txt"
+        lines = [f"/img/{k}-{j}.jpg" for j in range(7)] + [f"/img/{k}-x.bad"]
+        lines.append(lines[0])  # a duplicate inside the partition of 3 lines? no: in the last
+        lst.write_text("".join(x + "\n" for x in lines))
+        lists.append(lst)
+    args = [f"@{p}" for p in lists]
+    d = str(tmp_path / "out")
+    _run_partitioned(d, args, crash_after=14)  # list0 and list1's first partition done,
+    markers = sorted(os.listdir(os.path.join(d, "partitions")))  # list1's second: a shard
+    assert len(markers) == 4
+    read = []
+    real = outio.read_ids
+    monkeypatch.setattr(outio, "read_ids", lambda p: read.append(os.path.basename(p)) or real(p))
+    store = _run_partitioned(d, args)
+    assert read and all(name.startswith("list1.") and ".00001-" in name for name in read), read
+    assert not any(m[:-len(".json")] in name for m in markers for name in read)
+    ids = outio.load_embeddings(d)[0].tolist()
+    failed = [f["id"] for f in outio.load_failures(d)]
+    expected = []
+    for k in range(3):
+        expected += [f"/img/{k}-{j}.jpg" for j in range(7)] + [f"/img/{k}-0.jpg"]
+    assert sorted(ids) == sorted(expected)  # the repeat is in another partition: kept
+    assert sorted(failed) == [f"/img/{k}-x.bad" for k in range(3)]
+    assert len(os.listdir(os.path.join(d, "partitions"))) == 9
+    assert store.embedded == 24 and store.failed == 3
+    # rerun: every partition skipped unread
+    read.clear()
+    _run_partitioned(d, args)
+    assert read == []
+    # a listing that changed is refused, not mixed
+    lists[0].write_text("/img/other.jpg\n" + lists[0].read_text())
+    with pytest.raises(outio.PartitionMismatch, match="list0.txt lines 1-3"):
+        _run_partitioned(d, args)
+
+
+def test_partition_keys_are_stable_and_distinct(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("1\n2\n3\n")
+    parts = list(sources.iter_partitions([str(a), f"@{a}", "-"], 2, stdin=io.StringIO("x\n")))
+    assert [(p.index, len(p.lines)) for p in parts] == [(0, 2), (1, 1), (0, 1)]
+    assert parts[0].key.startswith("a.txt.") and parts[0].key.endswith(".00000")
+    assert parts[2].key == "stdin.00000" and parts[0].key != parts[1].key
+    again = list(sources.iter_partitions([f"@{a}"], 2))
+    assert [p.key for p in again] == [p.key for p in parts[:2]]
+    assert [p.fingerprint for p in again] == [p.fingerprint for p in parts[:2]]
+
+
+def test_missing_inputs_are_usage_errors(tmp_path):
+    (tmp_path / "there.jpg").write_bytes(b"x")
+    problems = sources.check_args([str(tmp_path / "there.jpg"), str(tmp_path / "gone.jpg"),
+                                   str(tmp_path / "*.png"), "-", f"@{tmp_path / 'no.txt'}"])
+    assert problems == [f"{tmp_path / 'gone.jpg'}: no such file or directory",
+                        f"list file {str(tmp_path / 'no.txt')!r} does not exist"]
 
 
 # --- transport: splitting, retries, give-up (fake servers) -------------------------------
@@ -486,7 +697,8 @@ def test_dali_isolation_scales_with_concurrency(tmp_path, retry_whole):
                                   retry_whole=retry_whole, jitter=0.005)
         opts = pipeline.Options(batch_size=batch, concurrency=concurrency, read_threads=2)
         t0 = asyncio.get_running_loop().time()
-        await pipeline.run([(p, None) for p in paths], IdSet(), sink, sender, opts, progress)
+        await pipeline.run([pipeline.Unit([(p, None) for p in paths], IdSet())], sink, sender,
+                           opts, progress)
         return sender, asyncio.get_running_loop().time() - t0
 
     # every item is sent alone when it does not look complete; these rows do not, so
@@ -606,6 +818,12 @@ class _ListStore:
     def __init__(self):
         self.results, self.failures = [], []
 
+    def expect(self, ids):
+        pass
+
+    def end_partition(self, partition):
+        pass
+
     def add(self, ids, emb):
         self.results.extend(ids)
 
@@ -636,7 +854,8 @@ def _pipeline(inputs, tmp_path, seen=None):
             return []
 
     opts = pipeline.Options(batch_size=3, concurrency=2, read_threads=2)
-    stats = asyncio.run(pipeline.run(inputs, seen or IdSet(), sink, EchoSender(), opts, progress))
+    units = [pipeline.Unit(inputs, seen or IdSet())]
+    stats = asyncio.run(pipeline.run(units, sink, EchoSender(), opts, progress))
     return store, stats, progress
 
 

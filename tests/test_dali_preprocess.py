@@ -45,10 +45,9 @@ INTERIOR_MAX_LEVELS = 1.5
 MAX_LEVELS = 12.0
 MEAN_LEVELS = 0.25
 
-# Descriptor parity with reference_model() on the same 16 photographs and 4 combinations,
-# measured: centred cosine min 0.99595-0.99679, error/nearest ratio max 0.090-0.104, top-1
-# 16/16: within spec's RESAMPLED_* bounds (spec explains them), not the 0.999 / 0.05 of a
-# bit-exact pipeline, which the old default-initialised SSCD passed at ratio 0.012.
+# Descriptor parity with reference_model() on the same 16 photographs and 4 combinations:
+# within spec's RESAMPLED_* bounds (spec gives the measured figures), not the 0.999 / 0.05 of
+# a bit-exact pipeline, which the old default-initialised SSCD passed at ratio 0.012.
 
 
 @pytest.fixture(scope="module")

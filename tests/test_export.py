@@ -125,8 +125,9 @@ def test_no_partial_model_is_left_when_export_fails(ckpts, tmp_path, monkeypatch
 
     from sscd_triton import runtime
 
-    def broken_session(path, *args, **kwargs):  # fails after the model file was written
-        assert os.path.getsize(path) > 0
+    def broken_session(model, *args, **kwargs):  # fails once the model is serialized
+        # (the serialized bytes, or a temporary file holding them)
+        assert (len(model) if isinstance(model, bytes) else os.path.getsize(model)) > 0
         raise RuntimeError("simulated failure while loading the written model")
 
     monkeypatch.setattr(runtime, "onnx_session", broken_session)

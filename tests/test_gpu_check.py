@@ -34,8 +34,10 @@ def _module():
 
 
 def _run(*args, timeout=240):
+    # as on a GPU machine with a bare checkout: the project importable through PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def test_cpu_smoke_runs_every_phase_and_parity_passes(tmp_path):

@@ -15,13 +15,14 @@ from PIL import Image
 
 from sscd_triton.cli import build_repository, serve_check
 from sscd_triton.export import checkpoints
-from sscd_triton.serving import repository
+from sscd_triton.serving import build, repository
 from sscd_triton import images, samples, spec
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
-LAYOUTS = [repository.Layout(target="gpu", preprocess=p, descriptor=d)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDENTITY = (spec.PARAM_MODEL_NAME, spec.PARAM_WEIGHTS_SHA256, spec.PARAM_PREPROCESS)
+SERVING = [repository.ServingConfig(target="gpu", preprocess=p, descriptor=d)
            for p in spec.PREPROCESS for d in repository.DESCRIPTORS] \
-    + [repository.Layout(target="cpu", preprocess=p) for p in spec.PREPROCESS]
+    + [repository.ServingConfig(target="cpu", preprocess=p) for p in spec.PREPROCESS]
 
 
 def _shape(arg: str) -> list[int]:
@@ -36,15 +37,20 @@ def _fits(dims: list[int], shape: list[int]) -> bool:
 
 
 # --- configs ---------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", LAYOUTS,
-                         ids=lambda l: f"{l.target}-{l.preprocess}-{l.descriptor if l.target == 'gpu' else 'python'}")
-def test_generated_configs_parse_and_agree(layout):
+@pytest.mark.parametrize("serving", SERVING,
+                         ids=lambda s: f"{s.target}-{s.preprocess}-{s.descriptor if s.target == 'gpu' else 'python'}")
+def test_generated_configs_parse_and_agree(serving):
+    layout = serving
     cfgs = {c.name: repository.parse_pbtxt(repository.to_pbtxt(c)) for c in repository.configs(layout)}
     ens, pre, desc = cfgs[spec.ENSEMBLE_NAME], cfgs[spec.PREPROCESS_MODEL], cfgs[spec.DESCRIPTOR_MODEL]
     assert ens.max_batch_size <= min(pre.max_batch_size, desc.max_batch_size)
     assert [(i.name, list(i.dims)) for i in ens.input] == [(spec.ENSEMBLE_INPUT, [-1])]
     assert [(o.name, list(o.dims)) for o in ens.output] == [(spec.OUTPUT_NAME, [layout.dims])]
     assert pre.input[0].allow_ragged_batch
+    for c in (ens, pre, desc):  # every config says which model answers (issue 8)
+        assert {k: c.parameters[k].string_value for k in IDENTITY} == {
+            spec.PARAM_MODEL_NAME: "unknown", spec.PARAM_WEIGHTS_SHA256: "unknown",
+            spec.PARAM_PREPROCESS: layout.preprocess}
     assert list(pre.output[0].dims) == list(desc.input[0].dims)
     for c in (pre, desc):
         assert c.dynamic_batching.max_queue_delay_microseconds > 0
@@ -76,8 +82,8 @@ def test_generated_configs_parse_and_agree(layout):
 
 @pytest.mark.parametrize("preprocess", sorted(spec.PREPROCESS))
 def test_plan_recipe_matches_the_config(preprocess, tmp_path):
-    layout = repository.Layout(target="gpu", preprocess=preprocess, max_batch=48)
-    written = repository.write_configs(str(tmp_path), layout)
+    serving = repository.ServingConfig(target="gpu", preprocess=preprocess, max_batch=48)
+    written = repository.write_configs(str(tmp_path), serving)
     recipe_path = tmp_path / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE
     assert str(recipe_path) in written
     flags = repository.read_recipe(recipe_path.read_text())
@@ -88,11 +94,11 @@ def test_plan_recipe_matches_the_config(preprocess, tmp_path):
     assert all(_fits(list(cfg.input[0].dims), s) for s in (lo, opt, hi))
     assert "--stronglyTyped" in flags and "--noTF32" in flags
     assert all(f.startswith("--") for f in flags)
-    # Changing the layout changes the recipe, so build_plan.sh's cache key changes too.
-    other = repository.recipe_text(repository.Layout(target="gpu", preprocess=preprocess, max_batch=64))
+    # Changing the serving config changes the recipe, so build_plan.sh's cache key changes too.
+    other = repository.recipe_text(repository.ServingConfig(target="gpu", preprocess=preprocess, max_batch=64))
     assert other != recipe_path.read_text()
     # Switching to the fallback removes the recipe: nothing would build a plan it ignores.
-    repository.write_configs(str(tmp_path), repository.Layout(target="gpu", preprocess=preprocess,
+    repository.write_configs(str(tmp_path), repository.ServingConfig(target="gpu", preprocess=preprocess,
                                                               descriptor="onnxruntime"))
     assert not recipe_path.exists()
 
@@ -113,7 +119,16 @@ def test_gpu_repository_builds_here_except_the_plan(ckpts, tmp_path, capsys):
     out = tmp_path / "gpu"
     assert build_repository.main(["--checkpoint", ckpts[0]["torchvision"], "--target", "gpu",
                                   "--output", str(out), "--max-batch", "8"]) == 0
-    assert "docker/build_plan.sh" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "docker/build_plan.sh" in out_text
+    next_lines = out_text[out_text.index("Next: "):]
+    assert next_lines.startswith("Next: docker build -f docker/Dockerfile --build-arg CHECKPOINT=")
+    assert "docker run --gpus all" in next_lines
+    onnx_file = out / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE
+    for name in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL):
+        cfg = repository.parse_pbtxt((out / name / "config.pbtxt").read_text())
+        assert cfg.parameters[spec.PARAM_MODEL_NAME].string_value == "m"  # m.torchvision.pt
+        assert cfg.parameters[spec.PARAM_WEIGHTS_SHA256].string_value == build.sha256_file(str(onnx_file))
     dali_py = (out / spec.PREPROCESS_MODEL / "1" / "dali.py").read_text()
     assert "autoserialize" in dali_py
     assert not (out / spec.PREPROCESS_MODEL / "1" / "model.dali").exists()
@@ -164,6 +179,112 @@ def test_bad_build_arguments_exit_2(tmp_path, capsys):
     assert err.count("error: ") == 3
 
 
+def test_model_names_recorded_in_the_configs():
+    assert build.model_name("/w/sscd_disc_mixup.torchscript.pt") == "sscd_disc_mixup"
+    assert build.model_name("/w/sscd_disc_large.classy.pt") == "sscd_disc_large"
+    assert build.model_name("runs/finetuned.torchvision.pt") == "finetuned"
+    assert build.model_name("my.weights.pth") == "my.weights"
+    assert build.model_name("export/sscd_imagenet_mixup.onnx") == "sscd_imagenet_mixup"
+    assert build.model_name(None) == "demo-untrained"
+
+
+def test_next_line_names_a_tritonserver_that_exists(tmp_path, monkeypatch):
+    venv_server = os.path.join(ROOT, ".venv", "bin", "tritonserver")
+    if os.path.isfile(venv_server):
+        assert build.tritonserver_command(ROOT) == ".venv/bin/tritonserver"
+        assert build.tritonserver_command(str(tmp_path)) == venv_server  # from elsewhere
+    monkeypatch.setattr(build, "_ROOT", str(tmp_path))
+    monkeypatch.setattr(build.sys, "prefix", str(tmp_path))
+    assert build.tritonserver_command(str(tmp_path)) == "tritonserver"
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "tritonserver").write_text("#!/bin/sh\n")
+    (tmp_path / ".venv" / "bin" / "tritonserver").chmod(0o755)
+    assert build.tritonserver_command(str(tmp_path)) == ".venv/bin/tritonserver"
+
+
+def _tiny_onnx(path, inputs=("images",), outputs=("descriptors",), hw=("H", "W"), dims=512):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, *hw]) for n in inputs]
+    y = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", dims]) for n in outputs]
+    node = helper.make_node("GlobalAveragePool", [inputs[0]], [outputs[0]])
+    onnx.save(helper.make_model(helper.make_graph([node], "tiny", x, y)), str(path))
+    return str(path)
+
+
+def test_onnx_that_does_not_fit_is_refused(tmp_path, capsys):
+    def build_with(onnx_path, *extra):
+        code = build_repository.main(["--onnx", str(onnx_path), "--target", "cpu",
+                                      "--output", str(tmp_path / "r"), *extra])
+        return code, capsys.readouterr().err
+
+    assert "no such file" in build_with(tmp_path / "none.onnx")[1]
+    (tmp_path / "notes.onnx").write_text("not a model")
+    code, err = build_with(tmp_path / "notes.onnx")
+    assert code == 2 and "not an ONNX model" in err
+    code, err = build_with(_tiny_onnx(tmp_path / "names.onnx", inputs=("input",), outputs=("output",)))
+    assert code == 2 and "['images'] -> ['descriptors']" in err
+    code, err = build_with(_tiny_onnx(tmp_path / "wide.onnx", dims=1024), "--dims", "512")
+    assert code == 2 and "1024-d" in err and "512-d" in err
+    code, err = build_with(_tiny_onnx(tmp_path / "fixed.onnx", hw=(320, 320)), "--preprocess", "short288")
+    assert code == 2 and "keeps the aspect ratio" in err
+    code, err = build_with(_tiny_onnx(tmp_path / "ok.onnx"), "--precision", "fp16")
+    assert code == 2 and "contradicts" in err
+    code, err = build_with(_tiny_onnx(tmp_path / "ok.onnx"), "--configs-only")
+    assert code == 2 and "--configs-only" in err
+    assert err.count("error: ") == 1
+    assert not (tmp_path / "r" / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE).exists()
+
+
+def test_a_built_onnx_is_reused_not_exported_again(cpu_repository, ckpts, tmp_path, capsys,
+                                                   monkeypatch):
+    from sscd_triton.export import onnx_export
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("--onnx must not export again")
+
+    monkeypatch.setattr(onnx_export, "export", no_export)
+    monkeypatch.chdir(ROOT)
+    given = tmp_path / "sscd_disc_mixup.onnx"
+    given.write_bytes((cpu_repository / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE).read_bytes())
+    digest = build.sha256_file(str(given))
+    # With the checkpoint: the ONNX is checked against it and the parity report is written.
+    out = tmp_path / "with"
+    assert build_repository.main(["--onnx", str(given), "--checkpoint", ckpts[0]["torchvision"],
+                                  "--target", "cpu", "--output", str(out), "--max-batch", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "skew_320 batch 16" in text and "all checks passed" in text
+    assert json.loads((out / build.REPORT_FILE).read_text())["passed"]
+    assert build.sha256_file(str(out / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE)) == digest
+    ens = repository.parse_pbtxt((out / spec.ENSEMBLE_NAME / "config.pbtxt").read_text())
+    assert ens.parameters[spec.PARAM_MODEL_NAME].string_value == "m"
+    assert ens.parameters[spec.PARAM_WEIGHTS_SHA256].string_value == digest
+    if os.path.isfile(os.path.join(ROOT, ".venv", "bin", "tritonserver")):
+        assert f"Next: .venv/bin/tritonserver --model-repository {out}" in text
+    # Without it: configs and the copied ONNX, named after the file, no parity report.
+    (out / build.REPORT_FILE).write_text("{}")  # a stale report must not survive
+    assert build_repository.main(["--onnx", str(given), "--target", "cpu", "--output", str(out)]) == 0
+    assert "no parity check" in capsys.readouterr().out
+    assert not (out / build.REPORT_FILE).exists()
+    ens = repository.parse_pbtxt((out / spec.ENSEMBLE_NAME / "config.pbtxt").read_text())
+    assert ens.parameters[spec.PARAM_MODEL_NAME].string_value == "sscd_disc_mixup"
+    assert ens.parameters[spec.PARAM_WEIGHTS_SHA256].string_value == digest
+    # A checkpoint of another width contradicts it.
+    code = build_repository.main(["--onnx", str(given), "--checkpoint", ckpts[0]["classy_large"],
+                                  "--target", "cpu", "--output", str(tmp_path / "large")])
+    assert code == 2 and "gives 512-d descriptors" in capsys.readouterr().err
+
+
+def test_library_builds_without_the_command_line(tmp_path):
+    built = build.build_repository(str(tmp_path / "r"), "gpu", configs_only=True, max_batch=8)
+    assert built.passed and built.report is None and built.onnx is None
+    assert built.serving.max_batch == 8 and built.serving.weights_sha256 == "unknown"
+    assert len(built.written) == 4  # three configs and the plan recipe
+    with pytest.raises(build.BuildError, match="--max-batch 0"):
+        build.build_repository(str(tmp_path / "r"), "cpu", max_batch=0)
+
+
 # --- docker/: the plan built at container start ----------------------------------------
 BUILD_PLAN = os.path.join(ROOT, "docker", "build_plan.sh")
 FAKE_TRTEXEC = r"""#!/usr/bin/env bash
@@ -191,7 +312,7 @@ def plan_env(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     repo = tmp_path / "models"
-    repository.write_configs(str(repo), repository.Layout(target="gpu", max_batch=16))
+    repository.write_configs(str(repo), repository.ServingConfig(target="gpu", max_batch=16))
     (repo / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE).write_bytes(b"onnx-1")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SSCD_TRT_CACHE=str(tmp_path / "cache"),
                FAKE_TRT="101300", FAKE_GPU="NVIDIA H100 80GB HBM3", FAKE_CALLS=str(tmp_path / "calls"))
@@ -236,7 +357,7 @@ def test_build_plan_rebuilds_when_model_tensorrt_or_gpu_change(plan_env):
     assert p.returncode == 0 and len(calls) == 4 and served.read_text().endswith("NVIDIA L4")
     recipe = repo / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE
     first = recipe.read_text()
-    recipe.write_text(repository.recipe_text(repository.Layout(target="gpu", max_batch=8)))
+    recipe.write_text(repository.recipe_text(repository.ServingConfig(target="gpu", max_batch=8)))
     p, calls = run(FAKE_GPU="NVIDIA L4")
     assert p.returncode == 0 and len(calls) == 5
     recipe.write_text(first)  # back to the first combination: still cached
@@ -304,18 +425,23 @@ def test_docker_files_lint_clean():
 
 # --- the real server -------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def served(ckpts, tmp_path_factory):
+def cpu_repository(ckpts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo") / "cpu"
+    assert build_repository.main(["--checkpoint", ckpts[0]["torchvision"], "--target", "cpu",
+                                  "--output", str(out), "--max-batch", "8",
+                                  "--max-pixels", "40000000"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def served(ckpts, cpu_repository):
     import tritonclient.grpc as grpcclient
 
     from sscd_triton.serving.server import TritonServer
 
-    out = tmp_path_factory.mktemp("repo") / "cpu"
-    path = ckpts[0]["torchvision"]
-    assert build_repository.main(["--checkpoint", path, "--target", "cpu", "--output", str(out),
-                                  "--max-batch", "8", "--max-pixels", "40000000"]) == 0
-    with TritonServer(str(out)) as server:
+    with TritonServer(str(cpu_repository)) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        yield server, client, checkpoints.load(path).model
+        yield server, client, checkpoints.load(ckpts[0]["torchvision"]).model
         client.close()
 
 
@@ -335,6 +461,17 @@ def _error(client, data: bytes) -> str:
         _request(client, [data])
     assert "StatusCode.INVALID_ARGUMENT" in str(e.value.status())
     return e.value.message()
+
+
+def test_served_configs_say_which_model_answers(served, cpu_repository):
+    """Triton 2.51 loads `parameters` in an ensemble config and hands them to clients."""
+    _, client, _ = served
+    digest = build.sha256_file(str(cpu_repository / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE))
+    for model in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL):
+        params = client.get_model_config(model, as_json=True)["config"]["parameters"]
+        assert {k: params[k]["string_value"] for k in IDENTITY} == {
+            spec.PARAM_MODEL_NAME: "m", spec.PARAM_WEIGHTS_SHA256: digest,
+            spec.PARAM_PREPROCESS: "square320"}, model
 
 
 def test_ensemble_parity_in_every_format(served):
@@ -489,7 +626,7 @@ def test_good_requests_survive_bad_batch_mates_and_server_stays_ready(served):
         _request(client, [good[0], b"not an image at all"])
     # Zero padding after a short truncated file must not turn it into a decodable image
     # (PIL decodes this cut JPEG followed by 1.4 MB of zeros as a 600x400 picture).
-    big = images.encode(_photo(8), "PNG")
+    big = images.encode(_photo(8).resize((1400, 1400)), "PNG")
     cut = images.encode(_photo(1), "JPEG")[:4000]
     assert len(big) > 1_000_000
     with pytest.raises(InferenceServerException, match="item 1 of the request.*truncated"):

@@ -29,7 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from sscd_triton.cli import build_tensorrt
-from sscd_triton.export import fp16, onnx_export, tensorrt_plan as tp
+from sscd_triton.export import fp16, onnx_export, onnx_graph, trt_build, trt_profile
+from sscd_triton.export.trt_errors import InputError
 from sscd_triton.export.model import SSCD, gem
 from sscd_triton import spec
 
@@ -106,7 +107,7 @@ def half_path(half, tmp_path_factory):
 
 
 def shapes_of(*argv):
-    return tp.profile_shapes(build_tensorrt.parse_args(["--onnx", "m.onnx", *argv]))
+    return trt_profile.profile_shapes(build_tensorrt.parse_args(["--onnx", "m.onnx", *argv]))
 
 
 # --- profiles --------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def test_dynamic_sizes_take_s_or_hxw():
     (["--size", "abc"], "--size 'abc': expected S or HxW"),
 ])
 def test_bad_profiles_name_the_flag(argv, message):
-    with pytest.raises(tp.InputError) as e:
+    with pytest.raises(InputError) as e:
         shapes_of(*argv)
     assert message in str(e.value)
 
@@ -158,59 +159,61 @@ def _tiny_graph(h, w):
 
 
 def test_profile_must_keep_the_sizes_the_onnx_fixes():
-    tp.check_profile(shapes_of("--size", "288"), _tiny_graph(288, 288), "m.onnx")
-    tp.check_profile(shapes_of("--min-size", "64", "--opt-size", "320", "--max-size", "900"),
-                     _tiny_graph("H", "W"), "m.onnx")
-    with pytest.raises(tp.InputError, match=r"fixes images axis 2 \(H\) at 288.*pass --size 288"):
-        tp.check_profile(shapes_of(), _tiny_graph(288, 288), "m.onnx")
+    trt_profile.check_profile(shapes_of("--size", "288"), _tiny_graph(288, 288), "m.onnx")
+    trt_profile.check_profile(shapes_of("--min-size", "64", "--opt-size", "320",
+                                        "--max-size", "900"), _tiny_graph("H", "W"), "m.onnx")
+    with pytest.raises(InputError, match=r"fixes images axis 2 \(H\) at 288.*pass --size 288"):
+        trt_profile.check_profile(shapes_of(), _tiny_graph(288, 288), "m.onnx")
 
 
 def test_parity_plan_follows_the_profile():
-    assert tp.parity_size(shapes_of("--size", "288")) == (True, 288, "")
+    assert trt_profile.parity_size(shapes_of("--size", "288")) == (True, 288, "")
     wide = shapes_of("--min-size", "224", "--opt-size", "320", "--max-size", "800")
-    assert tp.parity_size(wide) == (True, None, "")
-    run, size, note = tp.parity_size(shapes_of("--min-size", "224", "--opt-size", "288",
-                                               "--max-size", "300"))
+    assert trt_profile.parity_size(wide) == (True, None, "")
+    run, size, note = trt_profile.parity_size(shapes_of("--min-size", "224", "--opt-size", "288",
+                                                        "--max-size", "300"))
     assert (run, size) == (True, 300) and "does not cover small_288" in note
-    run, _, note = tp.parity_size(shapes_of("--min-size", "64x400", "--opt-size", "64x400",
-                                            "--max-size", "100x500"))
+    run, _, note = trt_profile.parity_size(shapes_of("--min-size", "64x400",
+                                                     "--opt-size", "64x400",
+                                                     "--max-size", "100x500"))
     assert not run and "no square" in note
 
 
 # --- the ONNX's precision --------------------------------------------------------------
 
 def test_precision_is_read_from_the_onnx(graph, half):
-    assert tp.onnx_precision(graph) == "fp32" and not tp.is_fp16_onnx(graph)
-    assert tp.onnx_precision(half) == "fp16" and tp.is_fp16_onnx(half)
-    assert tp.resolve_precision("auto", graph, "a.onnx") == "fp32"
-    assert tp.resolve_precision("auto", half, "b.onnx") == "fp16"
-    assert tp.resolve_precision("fp32", graph, "a.onnx") == "fp32"
-    assert tp.resolve_precision("fp16", half, "b.onnx") == "fp16"
+    assert onnx_graph.onnx_precision(graph) == "fp32" and not onnx_graph.is_fp16_onnx(graph)
+    assert onnx_graph.onnx_precision(half) == "fp16" and onnx_graph.is_fp16_onnx(half)
+    assert onnx_graph.resolve_precision("auto", graph, "a.onnx") == "fp32"
+    assert onnx_graph.resolve_precision("auto", half, "b.onnx") == "fp16"
+    assert onnx_graph.resolve_precision("fp32", graph, "a.onnx") == "fp32"
+    assert onnx_graph.resolve_precision("fp16", half, "b.onnx") == "fp16"
 
 
 def test_export_onnx_fp16_graph_keeps_its_head_fp32(graph, half):
-    assert tp.half_precision_head(graph) == [] and tp.half_precision_head(half) == []
-    heads = [n.op_type for n in half.graph.node if n.op_type in tp.HEAD_OPS]
+    assert onnx_graph.half_precision_head(graph) == []
+    assert onnx_graph.half_precision_head(half) == []
+    heads = [n.op_type for n in half.graph.node if n.op_type in onnx_graph.HEAD_OPS]
     assert {"Pow", "ReduceMean", "Gemm", "ReduceL2", "Div"} <= set(heads)
 
 
 def test_a_graph_with_a_half_precision_head_is_refused(graph):
     bad = all_half(graph)
     half_ops = {n.op_type for n in bad.graph.node if (n.name or n.output[0])
-                in tp.half_precision_head(bad)}
+                in onnx_graph.half_precision_head(bad)}
     assert {"Pow", "ReduceL2", "Div"} <= half_ops
-    with pytest.raises(tp.InputError, match=r"in fp16, where GeM's x\*\*3 overflows.*"
+    with pytest.raises(InputError, match=r"in fp16, where GeM's x\*\*3 overflows.*"
                        r"export_onnx.py --precision fp16"):
-        tp.resolve_precision("auto", bad, "bad.onnx")
+        onnx_graph.resolve_precision("auto", bad, "bad.onnx")
 
 
 def test_explicit_precision_must_match_the_onnx(graph, half):
-    with pytest.raises(tp.InputError) as e:
-        tp.resolve_precision("fp16", graph, "a.onnx")
+    with pytest.raises(InputError) as e:
+        onnx_graph.resolve_precision("fp16", graph, "a.onnx")
     assert "is an fp32 graph" in str(e.value)
     assert "export/export_onnx.py --precision fp16" in str(e.value)
-    with pytest.raises(tp.InputError, match="is an fp16 graph"):
-        tp.resolve_precision("fp32", half, "b.onnx")
+    with pytest.raises(InputError, match="is an fp16 graph"):
+        onnx_graph.resolve_precision("fp32", half, "b.onnx")
 
 
 # --- no weak typing in the sources ----------------------------------------------------
@@ -251,7 +254,8 @@ def test_export_sources_use_no_weak_typing_api():
     export = os.path.join(ROOT, "sscd_triton", "export")
     paths = [os.path.join(export, f) for f in sorted(os.listdir(export)) if f.endswith(".py")]
     paths.append(os.path.join(ROOT, "sscd_triton", "cli", "build_tensorrt.py"))
-    assert os.path.join(ROOT, "sscd_triton", "export", "tensorrt_plan.py") in paths
+    for module in ("trt_build.py", "onnx_graph.py", "trt_profile.py"):  # the plan's code
+        assert os.path.join(ROOT, "sscd_triton", "export", module) in paths
     assert [h for p in paths for h in weak_typing_uses(p)] == []
 
 
@@ -599,7 +603,7 @@ def no_tensorrt(monkeypatch):
 def test_bad_input_exits_2_before_looking_for_tensorrt(onnx_path, tmp_path, capsys, monkeypatch):
     def forbidden():
         raise AssertionError("TensorRT was looked for before the inputs were checked")
-    monkeypatch.setattr(tp, "open_builder", forbidden)
+    monkeypatch.setattr(trt_build, "open_builder", forbidden)
     small = str(tmp_path / "small.pt")
     torch.save(SSCD("resnet50", 256).state_dict(), small)
     notonnx = tmp_path / "notes.onnx"
@@ -639,7 +643,7 @@ def test_no_tensorrt_exits_3_in_one_line(onnx_path, tmp_path, capsys, no_tensorr
     plan = tmp_path / "m.plan"
     status, out, err = run_main(capsys, "--onnx", onnx_path, "--output", str(plan))
     assert status == 3 and out == ""
-    assert err == f"error: {tp.NO_TENSORRT}; no plan written\n"
+    assert err == f"error: {trt_build.NO_TENSORRT}; no plan written\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -660,7 +664,7 @@ def test_cli_without_tensorrt_prints_one_line_and_no_traceback(onnx_path, tmp_pa
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == [f"error: {tp.NO_TENSORRT}; no plan written"]
+    assert proc.stderr.splitlines() == [f"error: {trt_build.NO_TENSORRT}; no plan written"]
     assert not plan.exists() and list(tmp_path.iterdir()) == []
 
 

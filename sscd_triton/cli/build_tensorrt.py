@@ -12,7 +12,8 @@ ONNX an fp32 plan with TF32 off. `--precision` defaults to that; naming the othe
 refused. Needs TensorRT 10 or 11 and a CUDA GPU; a plan runs only on the GPU model and
 TensorRT version that built it. Exit status: 0 ok, 1 a parity check failed, 2 bad input
 (checked before TensorRT is looked for), 3 TensorRT or GPU unavailable (no plan written).
-Details: export/tensorrt_plan.py.
+Details in sscd_triton/export/: trt_errors.py (exit statuses), onnx_graph.py (what the
+ONNX holds: precision, I/O), trt_profile.py (the profile), trt_build.py (TensorRT).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from dataclasses import dataclass
 
 import onnx
 
-from sscd_triton.export import checkpoints, tensorrt_plan as tp, validate
+from sscd_triton.export import checkpoints, onnx_graph, trt_build, trt_profile, validate
+from sscd_triton.export.trt_errors import InputError, Unavailable
 from sscd_triton.report import Check, Report
-from sscd_triton import spec
+from sscd_triton import files, spec
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="the .plan to write (default: --onnx with .plan)")
     p.add_argument("--checkpoint", help="the checkpoint the ONNX came from, for parity against "
                    "PyTorch (without it parity is skipped)")
-    p.add_argument("--precision", choices=("auto", *tp.PRECISIONS), default="auto",
+    p.add_argument("--precision", choices=("auto", *onnx_graph.PRECISIONS), default="auto",
                    help="auto (default): the ONNX's. fp16 needs the ONNX from export_onnx.py "
                    "--precision fp16 (fp16 trunk, fp32 GeM/Linear/L2); fp32 the fp32 ONNX")
     p.add_argument("--min-batch", type=int, default=1)
@@ -57,32 +59,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_paths(onnx_path: str, output: str, timing_cache: str | None) -> None:
+    """--output and --timing-cache must be writable files, the output not the input."""
+    try:
+        files.check_writable(output, "--output", "sscd.plan")
+        if os.path.abspath(output) == os.path.abspath(onnx_path):
+            raise InputError(f"--output {output} would overwrite the --onnx input")
+        if timing_cache:
+            files.check_writable(timing_cache, "--timing-cache", "trt.cache")
+            if os.path.exists(timing_cache) and not os.access(timing_cache, os.R_OK):
+                raise InputError(f"--timing-cache {timing_cache}: not readable")
+    except files.OutputError as e:  # a bad flag: exit 2 like every other bad input
+        raise InputError(str(e)) from None
+
+
 @dataclass
 class Prepared:
     model: onnx.ModelProto
-    shapes: tp.Profile
+    shapes: trt_profile.Profile
     precision: str  # the ONNX's: "fp32" or "fp16"
     loaded: checkpoints.Loaded | None
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Every input check, before TensorRT is imported; raises InputError naming the flag."""
-    model = tp.load_onnx(args.onnx)
-    precision = tp.resolve_precision(args.precision, model, args.onnx)
+    model = onnx_graph.load_onnx(args.onnx)
+    precision = onnx_graph.resolve_precision(args.precision, model, args.onnx)
     args.output = args.output or os.path.splitext(args.onnx)[0] + ".plan"
-    tp.check_paths(args.onnx, args.output, args.timing_cache)
+    check_paths(args.onnx, args.output, args.timing_cache)
     if not args.workspace_gib > 0:
-        raise tp.InputError(f"--workspace-gib {args.workspace_gib}: must be > 0")
-    shapes = tp.profile_shapes(args)
-    tp.check_profile(shapes, model, args.onnx)
+        raise InputError(f"--workspace-gib {args.workspace_gib}: must be > 0")
+    shapes = trt_profile.profile_shapes(args)
+    trt_profile.check_profile(shapes, model, args.onnx)
     try:
         loaded = checkpoints.load(args.checkpoint) if args.checkpoint else None
     except checkpoints.CheckpointError as e:
-        raise tp.InputError(f"--checkpoint {e}") from None
-    width = tp.descriptor_width(model)
+        raise InputError(f"--checkpoint {e}") from None
+    width = onnx_graph.descriptor_width(model)
     if loaded and width and width != loaded.dims:
-        raise tp.InputError(f"--checkpoint {args.checkpoint} gives {loaded.dims}-d descriptors "
-                            f"but --onnx {args.onnx} gives {width}-d: not the same model")
+        raise InputError(f"--checkpoint {args.checkpoint} gives {loaded.dims}-d descriptors "
+                         f"but --onnx {args.onnx} gives {width}-d: not the same model")
     return Prepared(model, shapes, precision, loaded)
 
 
@@ -93,10 +109,10 @@ def parity(trt, engine, prep: Prepared) -> list[Check]:
 
     if not torch.cuda.is_available():
         return [Check("parity", None, f"n/a: no CUDA device visible to torch {torch.__version__}")]
-    run, static_size, note = tp.parity_size(prep.shapes)
+    run, static_size, note = trt_profile.parity_size(prep.shapes)
     if not run:
         return [Check("parity", None, note)]
-    checks = validate.model_parity(tp.plan_runner(trt, engine, prep.shapes),
+    checks = validate.model_parity(trt_build.plan_runner(trt, engine, prep.shapes),
                                    validate.torch_runner(prep.loaded.model), prep.precision,
                                    static_size)
     for c in checks:
@@ -109,12 +125,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         prep = prepare(args)
-    except tp.InputError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        trt, logger, builder = tp.open_builder()
-    except tp.Unavailable as e:
+        trt, logger, builder = trt_build.open_builder()
+    except Unavailable as e:
         print(f"error: {e}; no plan written", file=sys.stderr)
         return 3
     report = Report("sscd-triton build: ONNX -> TensorRT plan, with parity against PyTorch",
@@ -123,9 +139,9 @@ def main(argv=None) -> int:
         report.log(f"loaded {args.checkpoint}: {prep.loaded.layout} layout, {prep.loaded.trunk}, "
                    f"{prep.loaded.dims}-d", checkpoint=args.checkpoint)
     try:
-        built = tp.build_plan(trt, logger, builder, args.onnx, args.output, prep.shapes,
-                              args.timing_cache, args.workspace_gib)
-    except tp.InputError as e:
+        built = trt_build.build_plan(trt, logger, builder, args.onnx, args.output, prep.shapes,
+                                     args.timing_cache, args.workspace_gib)
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lo, opt, hi = prep.shapes[spec.INPUT_NAME]
@@ -143,7 +159,8 @@ def main(argv=None) -> int:
     runtime = trt.Runtime(logger)  # kept referenced while the engine is in use
     engine = runtime.deserialize_cuda_engine(built.plan)
     dims = prep.loaded.dims if prep.loaded else None
-    report.add(tp.io_checks(trt, engine, prep.shapes, tp.declared_io(prep.model, dims)))
+    want = onnx_graph.declared_io(prep.model, dims)
+    report.add(trt_build.io_checks(trt, engine, prep.shapes, want))
     checks = parity(trt, engine, prep)
     report.add(checks)
     ran = any(c.ok is not None for c in checks)

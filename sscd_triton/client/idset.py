@@ -3,7 +3,8 @@
 Each id is kept as a 96-bit BLAKE2b digest of its normalised path (12 bytes; chance of
 any collision among 50 million ids about 1e-14), in a few sorted numpy arrays plus a
 small Python set of recent ones, merged as they grow (a log-structured set). 50 million
-ids take about 0.6 GB instead of the ~5 GB a Python set of strings would.
+ids take about 0.6 GB instead of the ~5 GB a Python set of strings would. Resuming a
+partitioned input needs one only per unfinished partition (sscd_triton.cli.embed).
 """
 from __future__ import annotations
 
@@ -17,10 +18,25 @@ DIGEST = 12
 _DTYPE = f"S{DIGEST}"
 
 
+def storable(id_: str) -> str:
+    """`id_` as valid UTF-8 text (what Parquet stores): a path that is not UTF-8 (read
+    with surrogateescape) gets its odd bytes written as `\\xNN`."""
+    try:
+        id_.encode("utf-8")
+        return id_
+    except UnicodeEncodeError:
+        try:
+            raw = id_.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = id_.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+
+
 def digest(id_: str) -> bytes:
-    """The key of an id: `./a.jpg` and `a.jpg`, `dir//x` and `dir/x` are the same input."""
-    norm = os.path.normpath(id_)
-    return hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=DIGEST).digest()
+    """The key of an id: `./a.jpg` and `a.jpg`, `dir//x` and `dir/x` are the same input,
+    and so are an input and its stored form (`storable`)."""
+    norm = os.path.normpath(storable(id_))
+    return hashlib.blake2b(norm.encode("utf-8"), digest_size=DIGEST).digest()
 
 
 class IdSet:

@@ -1,5 +1,12 @@
 """The embedding run: enumerate -> read (threads) -> batch -> send (async, bounded) -> store.
 
+The work comes as `Unit`s (`plan`): for unpartitioned inputs one unit, de-duplicated
+against every id the output already holds; for partitioned inputs (list files, stdin)
+one unit per partition, de-duplicated on its own: a finished partition is skipped whole
+(its marker's fingerprint checked, its ids never read), an unfinished one loads the ids
+of its own shards only. Ids of partitioned inputs are tagged with their partition
+(`PartId.part`), so the store knows where each result goes and when a partition is done.
+
 Memory stays bounded whatever the collection size: a daemon thread enumerates inputs a
 chunk at a time (de-duplicating against the ids already done), two producers read the
 files of a chunk on a thread pool and cut them into batches, and at most `concurrency`
@@ -21,7 +28,7 @@ import itertools
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 from PIL import Image
@@ -50,6 +57,56 @@ class Stats:
     skipped: int = 0  # already done by an earlier run, or named twice
 
 
+class PartId(str):
+    """An id of a partitioned input; `part` is its sources.Partition."""
+
+    part: sources.Partition
+
+
+def _tag(id_: str, part: sources.Partition) -> PartId:
+    tagged = PartId(id_)
+    tagged.part = part
+    return tagged
+
+
+@dataclass
+class Unit:
+    """Inputs to embed, de-duplicated against `seen` (an IdSet, or a function making one,
+    called on the enumerating thread). `partition`: the sources.Partition they are (then
+    ids are tagged and the store is told when it has been enumerated). `skip`: a finished
+    partition of that many lines, not enumerated at all."""
+
+    items: Iterable[tuple[str, str | None]] = ()
+    seen: IdSet | Callable[[], IdSet] | None = None
+    partition: sources.Partition | None = None
+    skip: int = 0
+
+
+def plan(store, args: list[str], partition_size: int, exclude: Iterable[str] = (),
+         stdin=None) -> Iterator[Unit]:
+    """The units of a run writing into `store` (io.ShardStore, already open)."""
+    if not getattr(store, "partitioned", False):
+        def load_done() -> IdSet:
+            seen = IdSet()
+            for ids in store.done_ids():
+                seen.add_new(ids)
+            return seen
+        yield Unit(sources.iter_inputs(args, stdin=stdin, exclude=exclude), load_done)
+        return
+    for part in sources.iter_partitions(args, store.partition_size, stdin=stdin):
+        marker = store.partition_marker(part.key)
+        if marker is not None:
+            if marker.get("fingerprint") != part.fingerprint:
+                from sscd_triton.client import io as outio
+
+                raise outio.mismatch(part.describe(), store.folder)
+            yield Unit(skip=len(part.lines))
+            continue
+        yield Unit([(line, None) for line in part.lines],
+                   lambda p=part: store.partition_seen(p.key, p.fingerprint, p.describe()),
+                   part)
+
+
 class Progress(Protocol):
     def update(self, embedded: int, failed: int) -> None: ...
     def set_total(self, total: int) -> None: ...
@@ -61,6 +118,13 @@ class Sink:
     def __init__(self, store, progress: Progress):
         self.store = store
         self.progress = progress
+
+    def expect(self, ids: list[str]) -> None:
+        """Inputs enumerated, before any of their results (partition accounting)."""
+        self.store.expect(ids)
+
+    def end(self, partition: sources.Partition) -> None:
+        self.store.end_partition(partition)
 
     def result(self, ids: list[str], embeddings: np.ndarray) -> None:
         self.store.add(ids, embeddings)
@@ -97,7 +161,7 @@ def load_item(id_: str, problem: str | None, opts: Options) -> Item | str:
             return f"could not decode it: {type(e).__name__}: {e}"
         return Item(id_, tensor, tensor.nbytes, key=tensor.shape)
     key = None if opts.preprocess.square else _header_shape(data, opts.preprocess)
-    return Item(id_, data, len(data), alone=not sources.looks_complete(data), key=key)
+    return Item(id_, data, len(data), alone=not images.looks_complete(data), key=key)
 
 
 def make_batches(items: list[Item], opts: Options) -> list[list[Item]]:
@@ -123,11 +187,11 @@ def make_batches(items: list[Item], opts: Options) -> list[list[Item]]:
     return batches
 
 
-def _enumerate(inputs: Iterable, seen: IdSet, chunk: int, loop, out: asyncio.Queue,
+def _enumerate(units: Iterable[Unit], chunk: int, loop, out: asyncio.Queue,
                stop: threading.Event) -> None:
-    """Daemon thread: push `(fresh inputs, skipped count)` chunks, then None (or the
-    exception that stopped the enumeration, for the run to re-raise). Returns as soon as
-    `stop` is set, even while the queue is full."""
+    """Daemon thread: push `(fresh inputs, skipped count, ended partition or None)`
+    chunks, then None (or the exception that stopped the enumeration, for the run to
+    re-raise). Returns as soon as `stop` is set, even while the queue is full."""
     def put(value) -> bool:
         try:
             fut = asyncio.run_coroutine_threadsafe(out.put(value), loop)
@@ -145,13 +209,24 @@ def _enumerate(inputs: Iterable, seen: IdSet, chunk: int, loop, out: asyncio.Que
                 return False
 
     try:
-        it = iter(inputs)
-        while True:
-            raw = list(itertools.islice(it, chunk))
-            if not raw:
-                break
-            fresh = seen.add_new([i for i, _ in raw])
-            if not put(([r for r, f in zip(raw, fresh) if f], len(raw) - sum(fresh))):
+        for unit in units:
+            if unit.skip:
+                if not put(([], unit.skip, None)):
+                    return
+                continue
+            seen = unit.seen() if callable(unit.seen) else (unit.seen or IdSet())
+            part = unit.partition
+            it = iter(unit.items)
+            while True:
+                raw = list(itertools.islice(it, chunk))
+                if not raw:
+                    break
+                fresh = seen.add_new([i for i, _ in raw])
+                kept = [r if part is None else (_tag(r[0], part), r[1])
+                        for r, f in zip(raw, fresh) if f]
+                if not put((kept, len(raw) - sum(fresh), None)):
+                    return
+            if part is not None and not put(([], 0, part)):
                 return
     except BaseException as e:  # noqa: BLE001  (handed to the run, which re-raises it)
         put(e)
@@ -159,17 +234,17 @@ def _enumerate(inputs: Iterable, seen: IdSet, chunk: int, loop, out: asyncio.Que
     put(None)
 
 
-async def run(inputs: Iterable, seen: IdSet, sink: Sink, sender: Sender, opts: Options,
+async def run(units: Iterable[Unit], sink: Sink, sender: Sender, opts: Options,
               progress: Progress) -> Stats:
-    """Embed every input of `inputs` not in `seen`; raises what the sender raises
-    (GiveUp, Fatal) after cancelling the rest."""
+    """Embed the fresh inputs of `units`; raises what the sender raises (GiveUp, Fatal)
+    or the enumeration raised, after cancelling the rest."""
     loop = asyncio.get_running_loop()
     stats = Stats()
     chunks: asyncio.Queue = asyncio.Queue(maxsize=2)
     ready: asyncio.Queue = asyncio.Queue(maxsize=max(2, opts.concurrency))
     chunk = max(64, 4 * opts.batch_size)
     stop = threading.Event()
-    threading.Thread(target=_enumerate, args=(inputs, seen, chunk, loop, chunks, stop),
+    threading.Thread(target=_enumerate, args=(units, chunk, loop, chunks, stop),
                      name="enumerate", daemon=True).start()
     pool = concurrent.futures.ThreadPoolExecutor(opts.read_threads, thread_name_prefix="read")
     producers = 2
@@ -183,9 +258,12 @@ async def run(inputs: Iterable, seen: IdSet, sink: Sink, sender: Sender, opts: O
                     raise got
                 progress.set_total(stats.inputs)  # every chunk has been taken: total known
                 return
-            kept, skipped = got
+            kept, skipped, ended = got
             stats.inputs += len(kept)
             stats.skipped += skipped
+            sink.expect([i for i, _ in kept])  # synchronously: before any result of them
+            if ended is not None:
+                sink.end(ended)
             loaded = await asyncio.gather(*(loop.run_in_executor(pool, load_item, i, p, opts)
                                             for i, p in kept))
             items = []

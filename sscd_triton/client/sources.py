@@ -17,18 +17,30 @@ that cannot be listed, a pattern that matched nothing). Rules:
 - an argument with glob characters that names no existing path: a pattern
   (`**` recursive; Python's glob follows links to folders, even in cycles: give the
   folder itself for a cycle-safe walk); each match is handled as if given alone.
-- anything else: one input, as given (a missing file then fails with "no such file").
+- anything else: one input, as given. A path that does not exist is a usage error
+  (`check_args`: exit 2 before anything runs); one that vanishes later fails with "no
+  such file".
+
+Partitions (`iter_partitions`): when every argument is a listing (list files, `-`), the
+inputs are cut into partitions of `size` consecutive lines of one listing. A partition's
+key is stable across runs (the listing as named, and its number), its fingerprint is a
+hash of its lines: a later run skips a finished partition after checking the fingerprint,
+without reading its results.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
+import itertools
 import os
+import re
 import stat
 import sys
+from dataclasses import dataclass
 from typing import Iterable, Iterator, TextIO
 
-from sscd_triton import spec
+from sscd_triton import images, spec
 
 LIST_SUFFIXES = (".txt", ".lst")
 _EXTENSIONS = tuple(e.lower() for e in spec.IMAGE_EXTENSIONS)
@@ -39,37 +51,8 @@ def has_image_extension(path: str) -> bool:
 
 
 def is_image_signature(head: bytes) -> bool:
-    """True when `head` (a file's first 12+ bytes) starts like a supported image."""
-    return (head.startswith(b"\xff\xd8\xff")  # JPEG
-            or head.startswith(b"\x89PNG\r\n\x1a\n")
-            or head[:6] in (b"GIF87a", b"GIF89a")
-            or (head.startswith(b"BM") and len(head) >= 14)
-            or head[:4] in (b"II*\x00", b"MM\x00*")  # TIFF
-            or (head.startswith(b"RIFF") and head[8:12] == b"WEBP"))
-
-
-def looks_complete(data: bytes) -> bool:
-    """Whether an encoded image visibly ends where its format says it ends.
-
-    Requests pad every row with zeros to the longest one, and zeros after a *truncated*
-    file can let a decoder finish it (a JPEG cut to a third decodes once ~200 KB of zeros
-    follow it). Files that fail this check are sent alone, unpadded, so the verdict is the
-    one on their exact bytes, whatever their neighbours. Garbage fails it too, so it
-    never costs a batch a split.
-    """
-    tail = data.rstrip(b"\x00")
-    if data.startswith(b"\xff\xd8\xff"):
-        return tail.endswith(b"\xff\xd9")
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return tail.endswith(b"IEND\xaeB`\x82")
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return tail.endswith(b";")
-    if data.startswith(b"BM") and len(data) >= 14:
-        declared = int.from_bytes(data[2:6], "little")
-        return 26 <= declared <= len(data)
-    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
-        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
-    return False  # TIFF (no end marker) or not an image: alone
+    """True when `head` (a file's first 16 bytes) starts like a supported image."""
+    return images.sniff_format(head) is not None
 
 
 def sniff(path: str) -> bool | None:
@@ -90,15 +73,97 @@ def list_path(arg: str) -> str:
 
 
 def check_args(args: Iterable[str]) -> list[str]:
-    """Usage problems found before any work: missing list files, stdin named twice."""
+    """Usage problems found before any work: missing or unreadable list files, inputs
+    that do not exist (glob patterns aside), stdin named twice."""
     problems = []
     args = list(args)
     if args.count("-") > 1:
         problems.append("'-' (standard input) given more than once")
     for arg in args:
-        if arg.startswith("@") and not os.path.isfile(list_path(arg)):
-            problems.append(f"list file {list_path(arg)!r} does not exist")
+        if arg == "-":
+            continue
+        if arg.startswith("@"):
+            if not os.path.isfile(list_path(arg)):
+                problems.append(f"list file {list_path(arg)!r} does not exist")
+            elif not os.access(list_path(arg), os.R_OK):
+                problems.append(f"list file {list_path(arg)!r} is not readable")
+        elif not os.path.lexists(arg) and not glob.has_magic(arg):
+            problems.append(f"{arg}: no such file or directory")
     return problems
+
+
+def is_listing(arg: str) -> bool:
+    """A list file or standard input: inputs that can be cut into partitions."""
+    return arg == "-" or is_list_file(arg)
+
+
+@dataclass(eq=False)
+class Partition:
+    """`lines` [index * size, ...) of the listing `source` (a list file as named, or `-`)."""
+
+    source: str
+    index: int
+    lines: list[str]
+    size: int
+
+    @property
+    def key(self) -> str:
+        if self.source == "-":
+            slug = "stdin"
+        else:
+            name = re.sub(r"[^A-Za-z0-9_.]+", "_", os.path.basename(list_path(self.source)))[:40]
+            digest = hashlib.sha1(list_path(self.source).encode("utf-8", "surrogateescape")
+                                  ).hexdigest()
+            slug = f"{name}.{digest[:8]}"
+        return f"{slug}.{self.index:05d}"
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for line in self.lines:
+            h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+        return h.hexdigest()[:32]
+
+    def describe(self) -> str:
+        start = self.index * self.size + 1
+        name = "standard input" if self.source == "-" else list_path(self.source)
+        return f"{name} lines {start}-{start + len(self.lines) - 1}"
+
+    def marker(self) -> dict:
+        """What the partition's done-marker records."""
+        return {"source": self.source, "index": self.index, "size": self.size,
+                "lines": len(self.lines), "fingerprint": self.fingerprint}
+
+
+def _listing_lines(arg: str, stdin: TextIO | None) -> Iterator[str]:
+    if arg == "-":
+        if stdin is not None:
+            yield from _lines(stdin)
+            return
+        text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+        try:
+            yield from _lines(text)
+        finally:
+            text.detach()  # leave sys.stdin open
+        return
+    with open(list_path(arg), encoding="utf-8", errors="surrogateescape") as f:
+        yield from _lines(f)
+
+
+def iter_partitions(args: Iterable[str], size: int,
+                    stdin: TextIO | None = None) -> Iterator[Partition]:
+    """The listings `args` (every one `is_listing`) as partitions of `size` lines, lazily;
+    a list file named twice (`@a.txt a.txt`) is read once."""
+    named = {}
+    for arg in args:
+        named.setdefault(arg if arg == "-" else list_path(arg), arg)
+    for arg in named.values():
+        lines = _listing_lines(arg, stdin)
+        for index in itertools.count():
+            chunk = list(itertools.islice(lines, size))
+            if not chunk:
+                break
+            yield Partition(arg, index, chunk, size)
 
 
 def _lines(stream: TextIO) -> Iterator[str]:

@@ -48,7 +48,7 @@ from sscd_triton.client.errors import (BATCH, BUSY, ERROR, REJECT, RESTRICTED, R
 from sscd_triton.client.errors import ITEM as _ITEM
 from sscd_triton.client.errors import MAX_ROWS as _MAX_ROWS
 from sscd_triton.client.shm import SHM_PREFIX, ShmSlots, remove_stale_regions  # noqa: F401
-from sscd_triton import spec
+from sscd_triton import images, spec
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Item:
     id: str
     payload: Any  # bytes (server preprocessing) or float32 [3, H, W] (client preprocessing)
     size: int
-    alone: bool = False  # send in a request of its own (unpadded): see sources.looks_complete
+    alone: bool = False  # send in a request of its own (unpadded): see images.looks_complete
     key: Any = None  # only items of equal key share a request (their tensor shape)
 
 
@@ -67,12 +67,10 @@ class Rejection:
 
 
 def build_array(payloads: list) -> np.ndarray:
-    """uint8 [B, L] zero-padded rows from bytes, or float32 [B, 3, H, W] from tensors."""
+    """uint8 [B, L] zero-padded rows from bytes (`images.pack_rows`), or float32
+    [B, 3, H, W] from tensors."""
     if isinstance(payloads[0], (bytes, bytearray, memoryview)):
-        arr = np.zeros((len(payloads), max(len(p) for p in payloads)), np.uint8)
-        for i, p in enumerate(payloads):
-            arr[i, :len(p)] = np.frombuffer(p, np.uint8)
-        return arr
+        return images.pack_rows(payloads)
     return np.stack(payloads).astype(np.float32, copy=False)
 
 

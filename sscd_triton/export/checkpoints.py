@@ -156,6 +156,69 @@ def _pickled_names(path: str) -> set[bytes]:
     return {m for m in (b"pytorch-lightning_version", b"state_dict") if m in blob}
 
 
+def _not_sscd(path: str, reason: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not an SSCD checkpoint: {reason}")
+
+
+def _head(path: str, n: int = 64) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _reason(error: Exception) -> str:
+    """PyTorch's message in one short line, without its advice to unpickle with
+    weights_only=False (the unpickler's own complaint is what is kept)."""
+    message = str(error).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
+    if found:
+        return found.group(1).strip()[:200]
+    if "weights_only" in message or not message:
+        return type(error).__name__
+    return message.splitlines()[0][:200]
+
+
+def _unloadable(path: str, error: Exception) -> CheckpointError:
+    """Why `path` did not load as a tensors-only checkpoint, in one line, judged from the
+    file itself: PyTorch's own message suggests loading with weights_only=False, which
+    runs whatever code the file carries, and is never the right advice here."""
+    message = str(error)
+    head = _head(path)
+    if "Unsupported global" in message:  # a pickle naming classes other than tensors
+        if _pickled_names(path):
+            return CheckpointError(_lightning_message(path))
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        what = f" ({found.group(1)})" if found else ""
+        return _not_sscd(path, f"it holds Python objects other than tensors{what}; published "
+                         "SSCD files hold tensors only, and unpickling other objects could run "
+                         "code from the file, so it was not loaded")
+    if head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return CheckpointError(f"{path}: truncated or corrupt checkpoint (a zip archive "
+                                   "whose directory cannot be read)")
+        if not any(n.endswith("/data.pkl") for n in names):
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") or "nothing"
+            return _not_sscd(path, f"a zip archive without PyTorch's data.pkl (it holds {shown})")
+        return CheckpointError(f"{path}: truncated or corrupt checkpoint ({_reason(error)})")
+    if not head:
+        return _not_sscd(path, "the file is empty")
+    if head.startswith(b"\x80") and b"\x6a\xa8\x50\x19" not in head[:16]:
+        # A pickle without PyTorch's legacy magic number: pickle.dump, not torch.save.
+        return _not_sscd(path, "a plain Python pickle, not a file written by torch.save")
+    if head.startswith(b"\x80"):
+        return CheckpointError(f"{path}: truncated or corrupt checkpoint (legacy PyTorch format)")
+    text = head.decode("utf-8", errors="replace")
+    if "\ufffd" not in text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return _not_sscd(path, f"a text file (it begins {first!r}), not a PyTorch checkpoint")
+    return _not_sscd(path, f"not a PyTorch checkpoint (it begins with bytes {head[:8].hex(' ')})")
+
+
 def load(path: str, dims: int | None = None) -> Loaded:
     """Load `path` in whichever published layout it holds; raise CheckpointError if none."""
     if not os.path.exists(path):
@@ -185,17 +248,11 @@ def load(path: str, dims: int | None = None) -> Loaded:
         params = sum(p.numel() for p in module.parameters())
         return Loaded(module, "torchscript", trunk, file_dims, params, path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4"
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e):  # a full pickle: parse it, never execute it
-            if _pickled_names(path):
-                raise CheckpointError(_lightning_message(path)) from None
-            raise CheckpointError(f"{path}: holds objects other than tensors; not an SSCD "
-                                  "state_dict") from None
-        if zipfile.is_zipfile(path) or "zip" in reason.lower() or "central directory" in reason:
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({reason})") from None
+        raise _unloadable(path, e) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+        raise _not_sscd(path, f"it holds a {type(state).__name__}, not a state_dict of tensors")
     return _load_state_dict(state, path, dims)

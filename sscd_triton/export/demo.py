@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from sscd_triton import files
 from sscd_triton.export.model import SSCD
 
 DEMO_LABEL = "demo weights (seeded random, UNTRAINED: descriptors are meaningless)"
@@ -37,7 +38,6 @@ def write_demo_checkpoint(path: str = DEMO_CHECKPOINT, trunk: str = "resnet50", 
     """Save demo weights in the published `.torchvision.pt` layout; returns `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if not os.path.exists(path):
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(demo_model(trunk, dims, seed).state_dict(), tmp)
-        os.replace(tmp, path)
+        state = demo_model(trunk, dims, seed).state_dict()
+        files.write_atomic(path, lambda f: torch.save(state, f))
     return path

@@ -10,23 +10,10 @@ import torch
 
 from sscd_triton.export import checkpoints, fp16, validate
 from sscd_triton.report import Check, Report
-from sscd_triton import runtime, spec
+from sscd_triton import files, runtime, spec
 
 PRECISIONS = spec.PRECISIONS
 
-
-class OutputError(ValueError):
-    """The output path cannot be written."""
-
-
-def check_writable(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise OutputError(f"{path} is a directory; give a file name such as {path}/sscd.onnx")
-    if not os.path.isdir(parent):
-        raise OutputError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: directory {parent} is not writable")
 
 
 def to_onnx(model: torch.nn.Module, static_size: int | None = None,
@@ -80,20 +67,21 @@ def export(loaded: checkpoints.Loaded, output: str, precision: str, static_size:
            report: Report, opset: int = spec.ONNX_OPSET) -> None:
     """Write `output` atomically and add its checks to `report` (the caller prints it)."""
     graph = to_onnx(loaded.model, static_size, precision, opset)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(output)),
-                       f".{os.path.basename(output)}.tmp{os.getpid()}")
-    try:
-        onnx.save(graph, tmp)
-        session = runtime.onnx_session(tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data = graph.SerializeToString()
+    session = runtime.onnx_session(data)  # a graph ONNX Runtime cannot load is not written
+    files.write_atomic(output, data)
     size_mb = os.path.getsize(output) / 1e6
     shape = f"[N,3,{static_size},{static_size}]" if static_size else "[N,3,H,W] (N, H, W dynamic)"
     report.log(f"exported ONNX opset {opset} {precision} {shape}: {size_mb:.1f} MB -> {output}",
                onnx=output, precision=precision, opset=opset, static_size=static_size,
                size_mb=round(size_mb, 1))
+    validate_onnx(session, loaded, precision, static_size, report)
+
+
+def validate_onnx(session, loaded: checkpoints.Loaded, precision: str, static_size: int | None,
+                  report: Report) -> None:
+    """Add the ONNX's names and shapes and its parity against the checkpoint's PyTorch
+    model (`session`: runtime.onnx_session of the graph) to `report`, and log the step."""
     import onnxruntime as ort
 
     report.add(io_checks(session, loaded.dims, static_size))

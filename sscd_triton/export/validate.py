@@ -28,22 +28,12 @@ def torch_runner(model: torch.nn.Module) -> Runner:
 
 def _judge(name: str, cand: np.ndarray, ref: np.ndarray, precision: str) -> Check:
     """`cand` describes the first len(cand) images of `ref` (all the photographs)."""
-    p = parity.measure(cand, ref)
     norms = np.linalg.norm(cand, axis=1)
-    unit = bool(np.all(np.abs(norms - 1) < 1e-3))
-    if precision == "fp32":
-        fails = parity.exact_failures(p)
-        detail, bound = f"max|diff| {p.max_abs:.1e}", f"<= {spec.FP32_MAX_ABS:.0e}"
-    else:
-        fails = parity.pipeline_failures(p)
-        detail = (f"ccos {p.centered_cosine_min:.5f} ratio {p.nearest_ratio_max:.4f} "
-                  f"top1 {p.top1}/{p.n}")
-        bound = (f"ccos >= {spec.CENTERED_COSINE_MIN}, ratio <= {spec.NEAREST_RATIO_MAX}, "
-                 "top1 all")
-    if not unit:
-        fails.append(f"descriptor norms {norms.min():.4f}..{norms.max():.4f}, not unit")
-    return Check(name, not fails, detail + ("" if not fails else " (" + "; ".join(fails) + ")"),
-                 bound, p.as_dict())
+    unit = [] if np.all(np.abs(norms - 1) < 1e-3) else [
+        f"descriptor norms {norms.min():.4f}..{norms.max():.4f}, not unit"]
+    (check,) = parity.checks(name, parity.measure(cand, ref), exact=precision == "fp32",
+                             also=unit)
+    return check
 
 
 def model_parity(candidate: Runner, reference: Runner, precision: str,

@@ -76,7 +76,7 @@ import tempfile
 
 import numpy as np
 
-from sscd_triton import spec
+from sscd_triton import files, spec
 
 OUTPUT_NAME = spec.INPUT_NAME  # the name the Triton config gives pipeline output 0
 REFUSE_OP = "refuse_over_max_pixels"
@@ -164,18 +164,8 @@ def dali_py_source(preprocess: spec.Preprocess, max_pixels: int = spec.MAX_IMAGE
 
 def write_dali_py(path, preprocess: spec.Preprocess, max_pixels: int) -> None:
     """Write the autoserialized pipeline to `path` (`<repo>/sscd_preprocess/1/dali.py`),
-    atomically (a temporary file in the same folder, then `os.replace`)."""
-    path = os.fspath(path)
-    source = dali_py_source(preprocess, max_pixels)
-    fd, tmp = tempfile.mkstemp(prefix=".dali.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomically (`sscd_triton.files.write_atomic`)."""
+    files.write_atomic(os.fspath(path), dali_py_source(preprocess, max_pixels))
 
 
 def load_dali_py(path):
