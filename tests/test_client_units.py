@@ -704,7 +704,7 @@ def test_dali_isolation_scales_with_concurrency(tmp_path, retry_whole):
     # every item is sent alone when it does not look complete; these rows do not, so
     # the test makes them look complete (it is the batching, not the sniffing, under test)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline.sources, "looks_complete", lambda data: True)
+        mp.setattr(pipeline.images, "looks_complete", lambda data: True)
         sender, seconds = asyncio.run(go())
     failed = sorted(f[0] for f in store.failures)
     minimum = -(-n // batch)  # 125 requests when nothing fails
