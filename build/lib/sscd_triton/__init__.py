@@ -1,0 +1,19 @@
+"""Shared core of sscd-triton: the facts every part of the project imports.
+
+`from sscd_triton import load_embeddings` reads every output form of the embedding
+client (a Parquet folder, an `.npz`, a version-1 folder of numpy shards):
+`ids, embeddings = load_embeddings(path)`. It needs numpy (and pyarrow for folders),
+never torch; `load_failures(path)` gives the failure records ({"id", "reason"}).
+"""
+from __future__ import annotations
+
+__all__ = ["load_embeddings", "load_failures"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing the package (spec, files, ...) must not import the client.
+    if name in __all__:
+        from sscd_triton.client import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'sscd_triton' has no attribute {name!r}")

@@ -1,0 +1,77 @@
+"""Export an SSCD checkpoint to ONNX and print its parity report against PyTorch.
+
+    python export/export_onnx.py --checkpoint sscd_disc_mixup.torchscript.pt --output sscd.onnx
+    python export/export_onnx.py --output sscd.onnx          # demo weights (untrained)
+
+Exit status: 0 every check passed, 1 a parity bound failed, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sscd_triton.cli._help import DefaultsHelpFormatter
+from sscd_triton.export import checkpoints, demo, onnx_export
+from sscd_triton.files import OutputError, check_writable
+from sscd_triton.report import Report
+from sscd_triton import spec
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--checkpoint", help="a published .classy.pt, .torchvision.pt or "
+                   ".torchscript.pt (default: seeded untrained demo weights)")
+    p.add_argument("--output", default="runs/sscd.onnx", help="the .onnx file to write")
+    p.add_argument("--precision", choices=onnx_export.PRECISIONS, default="fp32",
+                   help="fp16 runs the trunk in half precision, GeM and L2 in fp32")
+    p.add_argument("--static-size", type=int, metavar="S",
+                   help="fix H = W = S (e.g. 320) for engines that want static shapes "
+                   "(default: H and W dynamic)")
+    p.add_argument("--dims", type=int, help="expected descriptor size; checked against the file")
+    p.add_argument("--opset", type=int, default=spec.ONNX_OPSET,
+                   help=f"ONNX opset, >= {spec.ONNX_OPSET}")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = Report("sscd-triton export: checkpoint -> ONNX, with parity against PyTorch", 4)
+    try:
+        if args.static_size is not None and args.static_size < spec.MIN_INPUT_SIZE:
+            raise OutputError(
+                f"--static-size {args.static_size}: must be >= {spec.MIN_INPUT_SIZE}")
+        if args.opset < spec.ONNX_OPSET:
+            raise OutputError(f"--opset {args.opset}: must be >= {spec.ONNX_OPSET}")
+        if args.output == parse_args([]).output:
+            os.makedirs(os.path.dirname(args.output), exist_ok=True)
+        check_writable(args.output, "--output", "sscd.onnx")
+        source = args.checkpoint
+        if source is None:
+            source = demo.write_demo_checkpoint()
+            report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
+        loaded = checkpoints.load(source, args.dims)
+    except (checkpoints.CheckpointError, OutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    named = spec.published_model(source)
+    if named and (named.trunk, named.dims) != (loaded.trunk, loaded.dims):
+        report.note(f"warning: the file is named like {named.name} ({named.trunk}, "
+                    f"{named.dims}-d) but holds {loaded.trunk}, {loaded.dims}-d")
+    report.log(f"loaded {source}: {loaded.layout} layout, {loaded.trunk}, {loaded.dims}-d, "
+               f"{loaded.parameters / 1e6:.1f}M parameters", checkpoint=source,
+               layout=loaded.layout, trunk=loaded.trunk, dims=loaded.dims,
+               demo=args.checkpoint is None)
+    onnx_export.export(loaded, args.output, args.precision, args.static_size, report, args.opset)
+    report.table()
+    json_path = os.path.splitext(args.output)[0] + ".parity.json"
+    report.write_json(json_path)
+    report.log(f"report written to {json_path}")
+    print(f"\nNext: python export/build_repository.py --onnx {args.output} --checkpoint {source} "
+          f"--target cpu --output runs/model_repository")
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Export SSCD checkpoints to ONNX, TensorRT and a Triton model repository."""

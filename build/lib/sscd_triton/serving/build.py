@@ -1,0 +1,371 @@
+"""Build a complete Triton model repository for SSCD: the library behind
+`export/build_repository.py` (sscd_triton.cli.build_repository only parses arguments,
+maps errors to exit statuses and prints).
+
+    from sscd_triton.serving.build import build_repository
+    built = build_repository("runs/model_repository", "cpu", "sscd_disc_mixup.classy.pt")
+    built.passed, built.written, built.serving.weights_sha256
+
+gpu: DALI preprocessing (`sscd_preprocess/1/dali.py`, autoserialized by the server's DALI)
++ the descriptor ONNX (fp16 by default) with a plan build recipe: the serving container
+builds `sscd_descriptor/1/model.plan` from them at start (docker/build_plan.sh).
+cpu: python-backend preprocessing (PIL) + the same ONNX on ONNX Runtime.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+from sscd_triton import spec
+from sscd_triton.files import OutputError, check_writable, copy_atomic
+from sscd_triton.report import Report
+from sscd_triton.serving import repository
+from sscd_triton.serving.repository import ServingConfig
+
+DEMO_MODEL_NAME = "demo-untrained"
+REPORT_FILE = "build_report.json"
+# What a checkpoint's file name ends with besides the model's name (stripped for the
+# model name recorded in the configs).
+_SUFFIXES = (".classy.pt", ".torchvision.pt", ".torchscript.pt", ".pth", ".pt", ".ckpt", ".onnx")
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class BuildError(ValueError):
+    """Bad input to a build (arguments, checkpoint, ONNX, output): one line saying why."""
+
+
+@dataclass
+class Built:
+    """What `build_repository` wrote."""
+
+    output: str
+    serving: ServingConfig  # what the configs were generated from (identity included)
+    written: list[str] = field(default_factory=list)  # config.pbtxt files and recipe
+    report: Report | None = None  # log and parity checks; None with configs_only
+    onnx: str | None = None  # the served descriptor ONNX
+    precision: str | None = None  # of that ONNX
+
+    @property
+    def passed(self) -> bool:
+        """Every parity check passed (True when none ran)."""
+        return self.report is None or self.report.passed
+
+
+# --- model identity ----------------------------------------------------------------------
+def model_name(source: str | None) -> str:
+    """The name recorded as spec.PARAM_MODEL_NAME: the published model a file is named
+    after, else its base name without the layout suffix; the demo label without a file."""
+    if source is None:
+        return DEMO_MODEL_NAME
+    published = spec.published_model(source)
+    if published:
+        return published.name
+    base = os.path.basename(source)
+    for suffix in _SUFFIXES:
+        if base.endswith(suffix) and len(base) > len(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- checks of given artifacts -----------------------------------------------------------
+def plan_problems(plan: str, max_batch: int, preprocess: spec.Preprocess) -> list[str]:
+    """What contradicts serving `plan` here, read from the report build_tensorrt.py wrote
+    beside it (a plan file itself cannot be read without TensorRT and a GPU)."""
+    report_path = plan + ".parity.json"
+    try:
+        with open(report_path) as f:
+            report = json.load(f)
+        lo, _, hi = report["profile"]
+    except (OSError, ValueError, KeyError):
+        return [f"--plan {plan}: no readable {os.path.basename(report_path)} beside it; build "
+                "plans with export/build_tensorrt.py, which records the profile to check"]
+    problems = []
+    if not report.get("passed", False):
+        problems.append(f"--plan {plan}: its parity report says a check failed ({report_path})")
+    if hi[0] < max_batch:
+        problems.append(f"--max-batch {max_batch} exceeds the plan's profile (batch <= {hi[0]}); "
+                        f"pass --max-batch {hi[0]} or rebuild the plan")
+    sizes = [preprocess.size] if preprocess.square else []
+    for side in sizes:
+        if not (lo[2] <= side <= hi[2] and lo[3] <= side <= hi[3]):
+            problems.append(f"the plan's profile ({lo[2]}x{lo[3]}..{hi[2]}x{hi[3]}) does not "
+                            f"take {preprocess.name}'s {side}x{side} tensors")
+    return problems
+
+
+@dataclass(frozen=True)
+class OnnxFacts:
+    dims: int
+    precision: str  # "fp16" when the trunk's weights are half, else "fp32"
+    static_size: int | None  # H = W fixed at export, or None when dynamic
+
+
+def inspect_onnx(path: str, dims: int | None, preprocess: spec.Preprocess) -> OnnxFacts:
+    """Check that `path` is a descriptor ONNX this repository can serve: spec's input and
+    output names and types, [N, 3, H, W] -> [N, dims] (`dims` when known), and H, W that
+    `preprocess` can feed. Raises BuildError naming the first contradiction."""
+    import onnx
+
+    name = f"--onnx {path}"
+    if not os.path.isfile(path):
+        raise BuildError(f"{name}: no such file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001  protobuf raises several kinds
+        raise BuildError(f"{name}: not an ONNX model ({str(e).strip()[:160] or type(e).__name__})") from None
+    try:  # the exporter leaves the width symbolic ("Divdescriptors_dim_1"); inference fixes it
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001  then the declared shapes are all there is
+        pass
+    graph = model.graph
+    weights = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    if [i.name for i in inputs] != [spec.INPUT_NAME] or \
+            [o.name for o in graph.output] != [spec.OUTPUT_NAME]:
+        raise BuildError(f"{name}: inputs {[i.name for i in inputs]} and outputs "
+                         f"{[o.name for o in graph.output]}; the served model needs "
+                         f"['{spec.INPUT_NAME}'] -> ['{spec.OUTPUT_NAME}'] (export it with "
+                         "export/export_onnx.py)")
+
+    def shape(value) -> list:
+        return [d.dim_value if d.HasField("dim_value") else None
+                for d in value.type.tensor_type.shape.dim]
+
+    float32 = onnx.TensorProto.FLOAT
+    x, y = shape(inputs[0]), shape(graph.output[0])
+    if inputs[0].type.tensor_type.elem_type != float32 or len(x) != 4 or x[1] != spec.CHANNELS:
+        raise BuildError(f"{name}: input '{spec.INPUT_NAME}' is not float32 [N, 3, H, W]")
+    if graph.output[0].type.tensor_type.elem_type != float32 or len(y) != 2 or not y[1]:
+        raise BuildError(f"{name}: output '{spec.OUTPUT_NAME}' is not float32 [N, dims] "
+                         "with a fixed descriptor width")
+    if dims is not None and y[1] != dims:
+        raise BuildError(f"{name} gives {y[1]}-d descriptors, the checkpoint (or --dims) {dims}-d")
+    height, width = x[2], x[3]
+    static = height if height and height == width else None
+    if (height or width) and not static:
+        raise BuildError(f"{name}: fixed input {height}x{width}; serving takes square or "
+                         "fully dynamic H and W")
+    if static and not preprocess.square:
+        raise BuildError(f"{name}: fixed {static}x{static} input, but {preprocess.name} keeps the "
+                         "aspect ratio (export it without --static-size)")
+    if static and static != preprocess.size:
+        raise BuildError(f"{name}: fixed {static}x{static} input, {preprocess.name} gives "
+                         f"{preprocess.size}x{preprocess.size}")
+    half = any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    return OnnxFacts(int(y[1]), "fp16" if half else "fp32", static)
+
+
+# --- the build ---------------------------------------------------------------------------
+def _check_arguments(target, descriptor, preprocess, max_batch, max_pixels, plan, onnx,
+                     configs_only) -> None:
+    if target not in repository.TARGETS:
+        raise BuildError(f"target {target!r}: one of {', '.join(repository.TARGETS)}")
+    if descriptor not in repository.DESCRIPTORS:
+        raise BuildError(f"--descriptor {descriptor}: one of {', '.join(repository.DESCRIPTORS)}")
+    if preprocess not in spec.PREPROCESS:
+        raise BuildError(f"--preprocess {preprocess}: one of {', '.join(sorted(spec.PREPROCESS))}")
+    if max_batch < 1:
+        raise BuildError(f"--max-batch {max_batch}: must be >= 1")
+    if max_pixels < 1:
+        raise BuildError(f"--max-pixels {max_pixels}: must be >= 1")
+    if plan and target != "gpu":
+        raise BuildError("--plan is for --target gpu; the cpu target serves ONNX")
+    if plan and descriptor != "tensorrt":
+        raise BuildError("--plan is served by the tensorrt backend; drop --descriptor onnxruntime")
+    if plan and not os.path.isfile(plan):
+        raise BuildError(f"--plan {plan}: no such file")
+    if onnx and configs_only:
+        raise BuildError("--onnx with --configs-only: configs-only writes no model files")
+    if plan:
+        problems = plan_problems(plan, max_batch, spec.PREPROCESS[preprocess])
+        if problems:
+            raise BuildError("; ".join(problems))
+
+
+def _steps(target: str, checkpoint: bool, onnx: bool) -> int:
+    model = 1 if checkpoint else 0
+    artifact = (1 + model) if onnx else 2  # copy (+ validation), or export + validation
+    return model + artifact + (1 if target == "gpu" else 0) + 1
+
+
+def new_report(target: str, *, checkpoint: bool = True, onnx: bool = False,
+               stream=None) -> Report:
+    """The report `build_repository` logs to (the CLI passes one printing to stdout)."""
+    return Report(f"sscd-triton repository: checkpoint -> Triton model repository ({target})",
+                  _steps(target, checkpoint, onnx), stream=stream)
+
+
+def _validate(loaded, onnx_path: str, precision: str, static: int | None, report: Report) -> None:
+    """The ONNX's names, shapes and parity against the checkpoint's PyTorch model."""
+    from sscd_triton import runtime
+    from sscd_triton.export import onnx_export
+
+    onnx_export.validate_onnx(runtime.onnx_session(onnx_path), loaded, precision, static, report)
+
+
+def build_repository(output: str, target: str = "gpu", checkpoint: str | None = None, *,
+                     onnx: str | None = None, plan: str | None = None,
+                     precision: str | None = None, descriptor: str = "tensorrt",
+                     preprocess: str = spec.DEFAULT_PREPROCESS, max_batch: int | None = None,
+                     max_pixels: int = spec.MAX_IMAGE_PIXELS, dims: int | None = None,
+                     configs_only: bool = False, report: Report | None = None,
+                     stream=None) -> Built:
+    """Write the Triton model repository `output` for `target` ("gpu" or "cpu").
+
+    The descriptor ONNX is exported from `checkpoint` (None: the untrained demo weights),
+    or `onnx`, an already exported one, is checked and copied (then parity is measured
+    only when `checkpoint` is given too). `plan` (gpu): serve this TensorRT plan instead of
+    building one at container start. `precision`: of the exported ONNX (default fp16 for
+    the gpu TensorRT path, fp32 otherwise). `configs_only`: configs without model files,
+    identity "unknown" (the committed model_repository/). Log lines and checks go to
+    `report`, else a new one printing to `stream` (None: nowhere), in `Built.report`.
+
+    Raises BuildError on bad input, before any model file or config is written; a failed
+    parity bound is not an error: see `Built.passed`.
+    """
+    fast = target == "gpu" and descriptor == "tensorrt"
+    if max_batch is None:
+        max_batch = 64 if target == "gpu" else 16
+    _check_arguments(target, descriptor, preprocess, max_batch, max_pixels, plan, onnx,
+                     configs_only)
+    common = dict(target=target, preprocess=preprocess, max_batch=max_batch,
+                  max_pixels=max_pixels, descriptor=descriptor, prebuilt_plan=bool(plan))
+    if configs_only:
+        serving = ServingConfig(dims=dims or 512, **common,
+                                model_name=model_name(checkpoint) if checkpoint else repository.UNKNOWN)
+        return Built(output, serving, repository.write_configs(output, serving))
+
+    pre = spec.PREPROCESS[preprocess]
+    onnx_path = os.path.join(output, spec.DESCRIPTOR_MODEL, "1", repository.ONNX_FILE)
+    try:
+        os.makedirs(os.path.dirname(onnx_path), exist_ok=True)
+        check_writable(onnx_path, "--output")
+    except (OSError, OutputError) as e:
+        raise BuildError(str(e)) from None
+
+    from sscd_triton.export import checkpoints, demo
+
+    loaded, source, facts = None, checkpoint, None
+    if checkpoint is not None or onnx is None:
+        source = checkpoint or demo.write_demo_checkpoint()
+        try:
+            loaded = checkpoints.load(source, dims)
+        except checkpoints.CheckpointError as e:
+            raise BuildError(str(e)) from None
+    if onnx is not None:
+        facts = inspect_onnx(onnx, loaded.dims if loaded else dims, pre)
+        if precision and precision != facts.precision:
+            raise BuildError(f"--precision {precision} contradicts --onnx {onnx}, which is "
+                             f"{facts.precision}")
+    # Nothing contradicts the build from here on: the report starts.
+    if report is None:
+        report = new_report(target, checkpoint=loaded is not None, onnx=onnx is not None,
+                            stream=stream or io.StringIO())
+    if loaded is not None:
+        if checkpoint is None:
+            report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
+        report.log(f"loaded {source}: {loaded.layout} layout, {loaded.trunk}, {loaded.dims}-d",
+                   checkpoint=source, dims=loaded.dims, target=target)
+    if facts is not None:
+        precision, static = facts.precision, facts.static_size
+        copy_atomic(onnx, onnx_path)
+        report.log(f"copied {facts.precision} ONNX ({facts.dims}-d, input "
+                   f"{f'{static}x{static}' if static else 'H x W dynamic'}) {onnx} -> {onnx_path}",
+                   onnx=onnx, precision=precision, static_size=static)
+        if loaded is not None:
+            _validate(loaded, onnx_path, precision, static, report)
+        served_dims = facts.dims
+    else:
+        from sscd_triton.export import onnx_export
+
+        precision = precision or ("fp16" if fast else "fp32")
+        # Square preprocessing fixes the tensor shape: give engines a static H and W.
+        static = pre.size if (target == "gpu" and pre.square) else None
+        onnx_export.export(loaded, onnx_path, precision, static, report)
+        served_dims = loaded.dims
+
+    identity = model_name(checkpoint if checkpoint is not None or onnx is None else onnx)
+    serving = ServingConfig(dims=served_dims, model_name=identity,
+                            weights_sha256=sha256_file(onnx_path), **common)
+    if target == "gpu":
+        from sscd_triton.serving import dali_pipeline
+
+        dali = os.path.join(output, spec.PREPROCESS_MODEL, "1", "dali.py")
+        os.makedirs(os.path.dirname(dali), exist_ok=True)
+        dali_pipeline.write_dali_py(dali, pre, max_pixels)
+        report.log(f"wrote DALI pipeline ({preprocess}, autoserialized by the server) -> {dali}")
+        if plan:
+            repository.place_artifact(output, spec.DESCRIPTOR_MODEL, plan, repository.PLAN_FILE)
+            report.note(f"serving TensorRT plan {plan}")
+        elif descriptor == "tensorrt":
+            report.note("sscd_descriptor/1/model.plan is built at container start "
+                        "(docker/build_plan.sh), on the serving GPU with the serving TensorRT")
+    written = repository.write_configs(output, serving)
+    report.log(f"wrote {len(written)} files (max batch {max_batch}, preprocess {preprocess}, "
+               f"descriptor {descriptor if target == 'gpu' else 'python'} {precision}; model "
+               f"{identity}, weights sha256 {serving.weights_sha256[:12]}...) under {output}",
+               model=identity, weights_sha256=serving.weights_sha256)
+    report_path = os.path.join(output, REPORT_FILE)
+    if loaded is not None:
+        report.write_json(report_path)
+    elif os.path.exists(report_path):
+        os.remove(report_path)  # a previous build's parity does not describe this ONNX
+    return Built(output, serving, written, report, onnx_path, precision)
+
+
+# --- what to run next --------------------------------------------------------------------
+def tritonserver_command(cwd: str | None = None) -> str:
+    """How to start the local tritonserver from `cwd`: this project's `.venv/bin/tritonserver`
+    (scripts/setup.sh installs it) when there is one, else `tritonserver` from PATH."""
+    cwd = os.path.abspath(cwd or os.getcwd())
+    for venv in (os.path.join(cwd, ".venv"), os.path.join(_ROOT, ".venv"), sys.prefix):
+        exe = os.path.join(venv, "bin", "tritonserver")
+        if os.path.isfile(exe) and os.access(exe, os.X_OK):
+            rel = os.path.relpath(exe, cwd)
+            return rel if not rel.startswith("..") else exe
+    return "tritonserver"
+
+
+def _docker_context_path(path: str, cwd: str) -> str:
+    rel = os.path.relpath(os.path.abspath(path), cwd)
+    return rel if not rel.startswith("..") else f"weights/{os.path.basename(path)}"
+
+
+def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = None) -> list[str]:
+    """Commands that serve what was built, as a user can paste them (README: "Model
+    repository", "Production")."""
+    cwd = os.path.abspath(cwd or os.getcwd())
+    out = shlex.quote(built.output)
+    serving = built.serving
+    if serving.target == "cpu":
+        return [f"{tritonserver_command(cwd)} --model-repository {out}"]
+    if serving.prebuilt_plan:
+        return [f"tritonserver --model-repository {out}   # in an NGC Triton container on the "
+                "host whose TensorRT and GPU built the plan"]
+    source = checkpoint or (built.report.facts.get("checkpoint") if built.report else None) \
+        or "CHECKPOINT"
+    arg = "" if serving.descriptor == "tensorrt" else " --build-arg DESCRIPTOR=onnxruntime"
+    lines = [f"docker build -f docker/Dockerfile --build-arg CHECKPOINT="
+             f"{shlex.quote(_docker_context_path(source, cwd))}{arg} -t sscd-triton .   "
+             "# on a GPU host; the image exports this repository from the checkpoint",
+             "docker run --gpus all --shm-size 1g -p 8001:8001 -p 8002:8002 "
+             "-e SSCD_ADMIN_KEY=change-me -v sscd-trt-cache:/var/cache/sscd sscd-triton"]
+    if repository.builds_plan(serving):
+        lines.append(f"# or, in an NGC Triton container: docker/build_plan.sh {out} && "
+                     f"tritonserver --model-repository {out}")
+    else:
+        lines.append(f"# or, in an NGC Triton container: tritonserver --model-repository {out}")
+    return lines

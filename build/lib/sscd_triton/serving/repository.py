@@ -1,0 +1,292 @@
+"""Triton model repository generation: every config from `sscd_triton.spec` and one
+`ServingConfig`, written through tritonclient's `model_config_pb2` so that what is written parses.
+
+Three models, the same names, inputs and outputs on both targets:
+  sscd            ensemble: uint8 [-1] encoded file -> float32 [dims] descriptor
+  sscd_preprocess gpu: DALI (nvJPEG, antialiased linear resize); cpu: python backend (PIL)
+  sscd_descriptor gpu: a TensorRT plan (built at container start by docker/build_plan.sh
+                  from the recipe written here), or the documented fallback onnxruntime +
+                  TensorRT EP; cpu: python + ORT
+Every config carries the served model's identity as `parameters` (spec.PARAM_MODEL_NAME,
+PARAM_WEIGHTS_SHA256, PARAM_PREPROCESS), so a client can tell which weights answer it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from sscd_triton import images, spec
+from sscd_triton.files import copy_atomic, write_atomic
+
+TARGETS = ("gpu", "cpu")
+# gpu descriptor backends: "tensorrt" serves 1/model.plan, built from 1/model.onnx on the
+# serving GPU with the serving image's TensorRT (docker/build_plan.sh, at container start);
+# "onnxruntime" is the fallback: the same ONNX through onnxruntime's TensorRT EP.
+DESCRIPTORS = ("tensorrt", "onnxruntime")
+WARMUP_FILE = "warmup_image.jpg"
+# docker/ mounts a volume here so plans and engines survive restarts.
+TRT_CACHE = "/var/cache/sscd"
+ORT_ENGINE_CACHE = f"{TRT_CACHE}/onnxruntime"
+# The plan build recipe beside sscd_descriptor/config.pbtxt: the trtexec flags that follow
+# from this ServingConfig (profile shapes, typing, TF32, workspace), one per line. build_plan.sh
+# adds --onnx/--saveEngine/--timingCacheFile and keys its cache on this file's hash.
+PLAN_RECIPE = "plan_build.args"
+PLAN_FILE = "model.plan"
+ONNX_FILE = "model.onnx"
+WORKSPACE_MIB = 4096
+# short288 keeps the aspect ratio: H and W are dynamic. The profile must bound them; images
+# longer than this many times their short side fail their batch on the gpu target.
+SHORT_MAX_ASPECT = 3
+PYTHON_SHIM = "from sscd_triton.serving.{module} import TritonPythonModel  # noqa: F401\n"
+
+
+UNKNOWN = "unknown"  # the weights' hash when no ONNX is written (--configs-only)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What a repository serves (target, model identity, preprocessing, descriptor backend)
+    and how hard it batches: everything its config.pbtxt files are generated from."""
+
+    target: str = "gpu"
+    dims: int = 512
+    preprocess: str = spec.DEFAULT_PREPROCESS
+    max_batch: int = 64
+    max_pixels: int = spec.MAX_IMAGE_PIXELS
+    descriptor: str = "tensorrt"  # gpu only: one of DESCRIPTORS
+    prebuilt_plan: bool = False  # gpu tensorrt: 1/model.plan is given (--plan), no recipe
+    queue_delay_us: int = 2000
+    max_inflight: int = 0  # ensemble backpressure; 0 = 4 x max_batch
+    model_name: str = UNKNOWN  # spec.PARAM_MODEL_NAME: e.g. "sscd_disc_mixup"
+    weights_sha256: str = UNKNOWN  # spec.PARAM_WEIGHTS_SHA256: of the descriptor ONNX
+
+    @property
+    def image_dims(self) -> list[int]:
+        p = spec.PREPROCESS[self.preprocess]
+        return [spec.CHANNELS, p.size, p.size] if p.square else [spec.CHANNELS, -1, -1]
+
+    @property
+    def warmup_dims(self) -> list[int]:
+        p = spec.PREPROCESS[self.preprocess]
+        return [spec.CHANNELS, p.size, p.size if p.square else p.size * 4 // 3]
+
+    @property
+    def opt_batch(self) -> int:
+        return max(1, self.max_batch // 2)
+
+    def profile(self) -> tuple[list[int], list[int], list[int]]:
+        """min, opt and max input shapes [N, C, H, W] of the one optimisation profile."""
+        p = spec.PREPROCESS[self.preprocess]
+        if p.square:
+            hw_min = hw_opt = hw_max = [p.size, p.size]
+        else:
+            hw_min, hw_opt = [p.size, p.size], [p.size, p.size * 4 // 3]
+            hw_max = [p.size * SHORT_MAX_ASPECT] * 2
+        c = spec.CHANNELS
+        return [1, c, *hw_min], [self.opt_batch, c, *hw_opt], [self.max_batch, c, *hw_max]
+
+
+def shapes_arg(shape: list[int]) -> str:
+    """`images:1x3x320x320`: the form of trtexec's --minShapes and of onnxruntime's
+    trt_profile_min_shapes."""
+    return f"{spec.INPUT_NAME}:{'x'.join(map(str, shape))}"
+
+
+def plan_recipe(serving: ServingConfig) -> list[str]:
+    """trtexec flags for the plan served by `serving` (docker/build_plan.sh adds the paths).
+
+    --stronglyTyped: tensor types come from the ONNX (an fp16 export keeps its fp32
+    GeM/Linear/L2 island; an fp32 export builds fp32); required on TensorRT 10, always on
+    (the flag a no-op) in 11. --noTF32: fp32 layers really run fp32 (1e-4 parity)."""
+    lo, opt, hi = serving.profile()
+    return [f"--minShapes={shapes_arg(lo)}", f"--optShapes={shapes_arg(opt)}",
+            f"--maxShapes={shapes_arg(hi)}", "--stronglyTyped", "--noTF32",
+            f"--memPoolSize=workspace:{WORKSPACE_MIB}M"]
+
+
+def recipe_text(serving: ServingConfig) -> str:
+    return ("# Written by export/build_repository.py from sscd_triton.spec; read by\n"
+            "# docker/build_plan.sh at container start (trtexec flags, one per line).\n"
+            + "".join(f"{a}\n" for a in plan_recipe(serving)))
+
+
+def read_recipe(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _param(cfg: mc.ModelConfig, key: str, value) -> None:
+    cfg.parameters[key].string_value = str(value)
+
+
+def _identity(cfg: mc.ModelConfig, serving: ServingConfig) -> None:
+    """Which weights and preprocessing answer: the same three keys in every config."""
+    _param(cfg, spec.PARAM_MODEL_NAME, serving.model_name)
+    _param(cfg, spec.PARAM_WEIGHTS_SHA256, serving.weights_sha256)
+    _param(cfg, spec.PARAM_PREPROCESS, serving.preprocess)
+
+
+def _batching(cfg: mc.ModelConfig, serving: ServingConfig) -> None:
+    b = cfg.dynamic_batching
+    b.preferred_batch_size.extend(sorted({max(1, serving.max_batch // 2), serving.max_batch}))
+    b.max_queue_delay_microseconds = serving.queue_delay_us
+    # Bounded queue: overload is refused at once instead of growing latency without end.
+    b.default_queue_policy.max_queue_size = 16 * serving.max_batch
+
+
+def _instances(cfg: mc.ModelConfig, serving: ServingConfig, count: int) -> None:
+    g = cfg.instance_group.add()
+    g.count = count
+    g.kind = mc.ModelInstanceGroup.KIND_GPU if serving.target == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+
+
+def preprocess_config(serving: ServingConfig) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.PREPROCESS_MODEL, max_batch_size=serving.max_batch)
+    cfg.input.add(name=spec.ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1],
+                  allow_ragged_batch=True)
+    cfg.output.add(name=spec.INPUT_NAME, data_type=mc.TYPE_FP32, dims=serving.image_dims)
+    # Recorded on both targets so clients and checks can read what the server does
+    # (the DALI backend ignores parameters it does not know).
+    _identity(cfg, serving)
+    _param(cfg, "max_pixels", serving.max_pixels)
+    if serving.target == "gpu":
+        cfg.backend = "dali"
+        _instances(cfg, serving, 1)
+    else:
+        cfg.backend = "python"
+        _instances(cfg, serving, 2)  # one process per core: PIL decoding holds the GIL
+    _batching(cfg, serving)
+    w = cfg.model_warmup.add(name="one_jpeg", batch_size=1)
+    w.inputs[spec.ENSEMBLE_INPUT].data_type = mc.TYPE_UINT8
+    w.inputs[spec.ENSEMBLE_INPUT].dims.append(len(warmup_image()))
+    w.inputs[spec.ENSEMBLE_INPUT].input_data_file = WARMUP_FILE
+    return cfg
+
+
+def descriptor_config(serving: ServingConfig) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.DESCRIPTOR_MODEL, max_batch_size=serving.max_batch)
+    cfg.input.add(name=spec.INPUT_NAME, data_type=mc.TYPE_FP32, dims=serving.image_dims)
+    cfg.output.add(name=spec.OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[serving.dims])
+    _identity(cfg, serving)
+    if serving.target == "cpu":
+        cfg.backend = "python"
+        _param(cfg, "onnx_file", "model.onnx")
+        _param(cfg, "threads", 0)
+        _instances(cfg, serving, 1)  # ONNX Runtime already uses every core
+    elif serving.descriptor == "tensorrt":
+        cfg.backend = "tensorrt"  # loads 1/model.plan
+        _instances(cfg, serving, 2)  # two execution contexts overlap copies and compute
+        # CUDA graphs (TensorRT backend only) for batch 1, the preferred sizes and the max.
+        cfg.optimization.cuda.graphs = True
+    elif serving.descriptor == "onnxruntime":
+        cfg.backend = "onnxruntime"
+        _instances(cfg, serving, 2)
+        trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        # FP16 mode would let TensorRT pick half kernels for GeM's x**3 and the norm too
+        # (NVIDIA/TensorRT#1954); the exported graph already says which part is fp16.
+        # "FP32" is TF32 unless NVIDIA_TF32_OVERRIDE=0, which docker/Dockerfile sets.
+        trt.parameters["precision_mode"] = "FP32"
+        trt.parameters["max_workspace_size_bytes"] = str(WORKSPACE_MIB << 20)
+        # One explicit profile, the plan's: without it the EP rebuilds engines per shape.
+        lo, opt, hi = serving.profile()
+        trt.parameters["trt_profile_min_shapes"] = shapes_arg(lo)
+        trt.parameters["trt_profile_opt_shapes"] = shapes_arg(opt)
+        trt.parameters["trt_profile_max_shapes"] = shapes_arg(hi)
+        # Without the engine cache every model load rebuilds engines for minutes.
+        trt.parameters["trt_engine_cache_enable"] = "1"
+        trt.parameters["trt_engine_cache_path"] = ORT_ENGINE_CACHE
+        trt.parameters["trt_timing_cache_enable"] = "1"
+        trt.parameters["trt_timing_cache_path"] = ORT_ENGINE_CACHE
+    else:
+        raise ValueError(f"descriptor {serving.descriptor!r}: one of {', '.join(DESCRIPTORS)}")
+    _batching(cfg, serving)
+    # Warm the smallest and the largest batch: engines built lazily for a new shape
+    # would otherwise stall the first full batch in production.
+    for batch in sorted({1, serving.max_batch}):
+        w = cfg.model_warmup.add(name=f"zeros_batch{batch}", batch_size=batch)
+        w.inputs[spec.INPUT_NAME].data_type = mc.TYPE_FP32
+        w.inputs[spec.INPUT_NAME].dims.extend(serving.warmup_dims)
+        w.inputs[spec.INPUT_NAME].zero_data = True
+    return cfg
+
+
+def ensemble_config(serving: ServingConfig) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.ENSEMBLE_NAME, platform="ensemble",
+                         max_batch_size=serving.max_batch)
+    cfg.input.add(name=spec.ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
+    cfg.output.add(name=spec.ENSEMBLE_OUTPUT, data_type=mc.TYPE_FP32, dims=[serving.dims])
+    _identity(cfg, serving)  # what clients read: the ensemble is the model they call
+    steps = cfg.ensemble_scheduling
+    pre = steps.step.add(model_name=spec.PREPROCESS_MODEL, model_version=-1)
+    pre.input_map[spec.ENSEMBLE_INPUT] = spec.ENSEMBLE_INPUT
+    pre.output_map[spec.INPUT_NAME] = "preprocessed"
+    desc = steps.step.add(model_name=spec.DESCRIPTOR_MODEL, model_version=-1)
+    desc.input_map[spec.INPUT_NAME] = "preprocessed"
+    desc.output_map[spec.OUTPUT_NAME] = spec.ENSEMBLE_OUTPUT
+    if serving.target == "gpu":
+        # Backpressure: decoding outruns inference and a decoded tensor is ~10x its file;
+        # bound what waits between the steps (shared across requests since Triton 26.04;
+        # the 2.51 server bundled for the cpu target predates the field).
+        steps.max_inflight_requests = serving.max_inflight or 4 * serving.max_batch
+    return cfg
+
+
+def configs(serving: ServingConfig) -> list[mc.ModelConfig]:
+    return [ensemble_config(serving), preprocess_config(serving), descriptor_config(serving)]
+
+
+def to_pbtxt(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse_pbtxt(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def warmup_image() -> bytes:
+    """A small real JPEG for warm-up requests (decoders reject synthetic zeros)."""
+    from PIL import Image
+
+    return images.encode(Image.new("RGB", (64, 48), (120, 90, 60)), "JPEG", quality=90)
+
+
+def _write(path: str, data: bytes | str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, data)
+
+
+def write_configs(root: str, serving: ServingConfig) -> list[str]:
+    """Write config.pbtxt files (and the files they reference that are not artifacts)."""
+    written = []
+    for cfg in configs(serving):
+        folder = os.path.join(root, cfg.name)
+        _write(os.path.join(folder, "config.pbtxt"), to_pbtxt(cfg))
+        written.append(os.path.join(folder, "config.pbtxt"))
+        if cfg.model_warmup and cfg.name == spec.PREPROCESS_MODEL:
+            _write(os.path.join(folder, "warmup", WARMUP_FILE), warmup_image())
+        if cfg.backend == "python":
+            module = "triton_preprocess" if cfg.name == spec.PREPROCESS_MODEL else "triton_descriptor"
+            _write(os.path.join(folder, "1", "model.py"), PYTHON_SHIM.format(module=module))
+        _write(os.path.join(folder, "1", ".gitkeep"), "")  # Triton needs the version folder
+        if cfg.name == spec.DESCRIPTOR_MODEL:
+            recipe = os.path.join(folder, PLAN_RECIPE)
+            if builds_plan(serving):
+                _write(recipe, recipe_text(serving))
+                written.append(recipe)
+            elif os.path.exists(recipe):
+                os.remove(recipe)  # a stale recipe would make build_plan.sh build over --plan
+    return written
+
+
+def builds_plan(serving: ServingConfig) -> bool:
+    """Whether the serving container builds this repository's plan at start."""
+    return serving.target == "gpu" and serving.descriptor == "tensorrt" and not serving.prebuilt_plan
+
+
+def place_artifact(root: str, model: str, source: str, name: str) -> str:
+    """Copy an exported file into `root/model/1/name` atomically."""
+    dest = os.path.join(root, model, "1", name)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    return copy_atomic(source, dest)

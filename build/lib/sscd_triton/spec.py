@@ -1,0 +1,134 @@
+"""The one source of truth: names, shapes, preprocessing constants and model facts.
+
+Export, the model repository, the client, tests and benchmarks import from here;
+nothing else in the project spells these values out again.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# --- Preprocessing (upstream README: ImageNet statistics, RGB in [0, 1]) -------------
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """One upstream preprocessing mode.
+
+    `square` resizes to (size, size) ignoring aspect (upstream `skew_320`); otherwise the
+    short edge goes to `size`, aspect kept (upstream `small_288`).
+    """
+
+    name: str
+    upstream_name: str
+    size: int
+    square: bool
+
+    def output_hw(self, width: int, height: int) -> tuple[int, int]:
+        """(H, W) of the tensor this mode makes from a `width` x `height` image.
+
+        Mirrors torchvision's `Resize(int)`: the long edge is truncated, not rounded.
+        """
+        if self.square:
+            return self.size, self.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.size * long / short)
+        return (new_long, self.size) if width <= height else (self.size, new_long)
+
+
+PREPROCESS = {
+    "square320": Preprocess("square320", "skew_320", 320, square=True),
+    "short288": Preprocess("short288", "small_288", 288, square=False),
+}
+DEFAULT_PREPROCESS = "square320"
+
+# --- The descriptor model -------------------------------------------------------------
+GEM_P = 3.0
+GEM_EPS = 1e-6
+L2_EPS = 1e-12
+ONNX_OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+MIN_INPUT_SIZE = 32  # the trunk downsamples 32x: smaller inputs leave no feature map
+
+INPUT_NAME = "images"  # float32 [N, 3, H, W], normalised as above
+OUTPUT_NAME = "descriptors"  # float32 [N, dims], unit L2 norm
+
+
+@dataclass(frozen=True)
+class Trunk:
+    name: str
+    blocks: tuple[int, int, int, int]
+    groups: int
+    width_per_group: int
+
+
+TRUNKS = {
+    "resnet50": Trunk("resnet50", (3, 4, 6, 3), groups=1, width_per_group=64),
+    "resnext101_32x4d": Trunk("resnext101_32x4d", (3, 4, 23, 3), groups=32, width_per_group=4),
+}
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    name: str
+    data: str
+    trunk: str
+    dims: int
+    layouts: tuple[str, ...]
+
+
+_ALL = ("classy", "torchvision", "torchscript")
+PUBLISHED_MODELS = {
+    m.name: m
+    for m in (
+        PublishedModel("sscd_disc_blur", "DISC", "resnet50", 512, _ALL),
+        PublishedModel("sscd_disc_advanced", "DISC", "resnet50", 512, _ALL),
+        PublishedModel("sscd_disc_mixup", "DISC", "resnet50", 512, _ALL),
+        PublishedModel("sscd_disc_large", "DISC", "resnext101_32x4d", 1024, ("classy", "torchscript")),
+        PublishedModel("sscd_imagenet_blur", "ImageNet", "resnet50", 512, _ALL),
+        PublishedModel("sscd_imagenet_advanced", "ImageNet", "resnet50", 512, _ALL),
+        PublishedModel("sscd_imagenet_mixup", "ImageNet", "resnet50", 512, _ALL),
+    )
+}
+
+
+def published_model(path: str) -> PublishedModel | None:
+    """The published model a file is named after (`<name>.<layout>.pt`), if any."""
+    return PUBLISHED_MODELS.get(os.path.basename(path).split(".")[0])
+
+# --- Serving (Triton model repository) ------------------------------------------------
+ENSEMBLE_NAME = "sscd"
+ENSEMBLE_INPUT = "image"  # TYPE_UINT8 [-1]: the encoded file bytes, one image per batch item
+ENSEMBLE_OUTPUT = OUTPUT_NAME
+PREPROCESS_MODEL = "sscd_preprocess"
+DESCRIPTOR_MODEL = "sscd_descriptor"
+# A PNG of a few KB can claim 60000 x 60000 pixels; refuse anything larger before decoding.
+MAX_IMAGE_PIXELS = 40_000_000
+# Model identity, written by the repository into every config's `parameters` and read by
+# clients, so that an output is never resumed with descriptors of another model.
+PARAM_MODEL_NAME = "sscd_model"  # e.g. "sscd_disc_mixup", or the demo label
+PARAM_WEIGHTS_SHA256 = "sscd_weights_sha256"  # sha256 of the exported descriptor ONNX
+PARAM_PREPROCESS = "preprocess"  # spec.PREPROCESS key
+# How the server words a refused image; clients parse these to isolate bad files.
+BAD_IMAGE_PREFIX = "bad image: "
+BAD_ROW = "item {index} of the request: "
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+# --- Parity bounds (../shared/triton/NOTES.md: random weights make plain cosines meaningless)
+FP32_MAX_ABS = 1e-4
+# Pipeline parity (fp16, or the same pixels through another runtime): centred cosine >= and
+# error / distance to the nearest other image <=, with top-1 agreement on every image.
+CENTERED_COSINE_MIN = 0.999
+NEAREST_RATIO_MAX = 0.05
+# Another decoder/resampler (DALI, nvJPEG + torch resize) is not bit-exact with PIL: about
+# 15% of values differ by one uint8 level (PIL rounds between its two resize passes). On
+# calibrated random weights (tests/conftest.py reference_model) and the 16 sample photographs
+# that alone measures, for DALI's CPU path, centred cosine 0.9917-0.9949 and ratio 0.16-0.20
+# (square320/short288 x JPEG/PNG), top-1 16/16; for scale, a mild copy (JPEG re-encoded at
+# quality 50) measures 0.89-0.91 / 0.63-0.66 on the same photographs. These bounds sit a
+# quarter above the first, far below the second (tests/test_dali_preprocess.py).
+RESAMPLED_CENTERED_COSINE_MIN = 0.99
+RESAMPLED_NEAREST_RATIO_MAX = 0.25
