@@ -131,6 +131,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="the SSCD checkpoint the server was built from")
     p.add_argument("--seed", type=int, default=0, help="seed of the parity sample")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run on Ray Data (pip install 'ray[data]'): 'local' starts a local "
+                        "instance, an address (auto, HOST:6379, ray://...) joins a cluster; "
+                        "every input is cut into --partition-size partitions embedded by an "
+                        "actor pool (inputs and --output on a file system the workers share)")
+    p.add_argument("--ray-actors", type=int, default=0, metavar="N",
+                   help="with --ray: actors in the pool, each with --concurrency requests in "
+                        "flight (0: one per CPU of the Ray cluster)")
     return p.parse_args(argv)
 
 
@@ -140,6 +148,8 @@ def validate(args) -> list[str]:
                  "max_request_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if args.ray_actors < 0:
+        problems.append("--ray-actors must be >= 0")
     if args.partition_size < 0:
         problems.append("--partition-size must be >= 0")
     if args.give_up_after <= 0 or args.timeout <= 0:
@@ -497,6 +507,10 @@ def main(argv=None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.ray:
+            from sscd_triton.client import ray_embed  # ray is imported only here
+
+            return ray_embed.run(args)
         return asyncio.run(run(args))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,6 +10,8 @@ builds `sscd_descriptor/1/model.plan` from them at start (docker/build_plan.sh) 
 on the tensorrt backend. `--descriptor onnxruntime` is the fallback (onnxruntime + TensorRT
 EP, fp32); `--plan FILE` serves a plan you built on the serving host yourself.
 cpu: python-backend preprocessing (PIL) + the same ONNX on ONNX Runtime.
+`--postprocess PARAMS.npz` (from `sscd-postprocess fit`) appends centering or PCA
+whitening to the served ONNX: the server returns postprocessed descriptors.
 Every config records the model's name, the served ONNX's sha256 and the preprocessing.
 Exit status: 0 ok, 1 a parity bound failed, 2 bad input.
 The library function is sscd_triton.serving.build.build_repository.
@@ -53,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "instead of building one at start (it runs only with the TensorRT and GPU "
                    "that built it)")
     p.add_argument("--dims", type=int, help="descriptor size (checked against the checkpoint)")
+    p.add_argument("--postprocess", metavar="PARAMS.npz", help="append this fitted centering "
+                   "or PCA whitening (sscd-postprocess fit) to the served graph: the server "
+                   "returns postprocessed descriptors of its width")
     p.add_argument("--configs-only", action="store_true",
                    help="write configs only (no export; model identity 'unknown'): regenerates "
                    "the committed model_repository/")
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
             args.output, args.target, args.checkpoint, onnx=args.onnx, plan=args.plan,
             precision=args.precision, descriptor=args.descriptor, preprocess=args.preprocess,
             max_batch=args.max_batch, max_pixels=args.max_pixels, dims=args.dims,
-            configs_only=args.configs_only, stream=sys.stdout)
+            configs_only=args.configs_only, postprocess=args.postprocess, stream=sys.stdout)
     except (build.BuildError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

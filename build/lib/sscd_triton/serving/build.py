@@ -10,6 +10,10 @@ gpu: DALI preprocessing (`sscd_preprocess/1/dali.py`, autoserialized by the serv
 + the descriptor ONNX (fp16 by default) with a plan build recipe: the serving container
 builds `sscd_descriptor/1/model.plan` from them at start (docker/build_plan.sh).
 cpu: python-backend preprocessing (PIL) + the same ONNX on ONNX Runtime.
+`postprocess=PARAMS.npz` (from `sscd-postprocess fit`) appends centering or PCA whitening
+to the served ONNX (serving.postprocess_graph): the server returns postprocessed
+descriptors of the params' width, and the weights fingerprint (the served ONNX's sha256)
+changes with them.
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sscd_triton import spec
-from sscd_triton.files import OutputError, check_writable, copy_atomic
+from sscd_triton.files import OutputError, check_writable, copy_atomic, write_atomic
 from sscd_triton.report import Report
 from sscd_triton.serving import repository
 from sscd_triton.serving.repository import ServingConfig
@@ -49,6 +55,7 @@ class Built:
     report: Report | None = None  # log and parity checks; None with configs_only
     onnx: str | None = None  # the served descriptor ONNX
     precision: str | None = None  # of that ONNX
+    postprocess: dict | None = None  # the appended postprocessing's record, if any
 
     @property
     def passed(self) -> bool:
@@ -170,7 +177,7 @@ def inspect_onnx(path: str, dims: int | None, preprocess: spec.Preprocess) -> On
 
 # --- the build ---------------------------------------------------------------------------
 def _check_arguments(target, descriptor, preprocess, max_batch, max_pixels, plan, onnx,
-                     configs_only) -> None:
+                     configs_only, postprocess=None) -> None:
     if target not in repository.TARGETS:
         raise BuildError(f"target {target!r}: one of {', '.join(repository.TARGETS)}")
     if descriptor not in repository.DESCRIPTORS:
@@ -189,23 +196,67 @@ def _check_arguments(target, descriptor, preprocess, max_batch, max_pixels, plan
         raise BuildError(f"--plan {plan}: no such file")
     if onnx and configs_only:
         raise BuildError("--onnx with --configs-only: configs-only writes no model files")
+    if postprocess and configs_only:
+        raise BuildError("--postprocess with --configs-only: configs-only writes no model files")
+    if postprocess and plan:
+        raise BuildError("--postprocess with --plan: a given plan cannot take the "
+                         "postprocessing; let the container build the plan from the ONNX")
     if plan:
         problems = plan_problems(plan, max_batch, spec.PREPROCESS[preprocess])
         if problems:
             raise BuildError("; ".join(problems))
 
 
-def _steps(target: str, checkpoint: bool, onnx: bool) -> int:
+def _steps(target: str, checkpoint: bool, onnx: bool, postprocess: bool = False) -> int:
     model = 1 if checkpoint else 0
     artifact = (1 + model) if onnx else 2  # copy (+ validation), or export + validation
-    return model + artifact + (1 if target == "gpu" else 0) + 1
+    return model + artifact + (1 if target == "gpu" else 0) + 1 + (1 if postprocess else 0)
 
 
 def new_report(target: str, *, checkpoint: bool = True, onnx: bool = False,
-               stream=None) -> Report:
+               postprocess: bool = False, stream=None) -> Report:
     """The report `build_repository` logs to (the CLI passes one printing to stdout)."""
     return Report(f"sscd-triton repository: checkpoint -> Triton model repository ({target})",
-                  _steps(target, checkpoint, onnx), stream=stream)
+                  _steps(target, checkpoint, onnx, postprocess), stream=stream)
+
+
+def _load_postprocess(path: str):
+    from sscd_triton.client import postprocess as pp
+
+    try:
+        return pp.load_params(path)
+    except pp.PostprocessError as e:
+        raise BuildError(f"--postprocess {e}") from None
+
+
+def _append_postprocess(onnx_path: str, params, pre: spec.Preprocess, report: Report) -> None:
+    """Append `params` to the served ONNX, then check on photographs that the served graph
+    gives what the client-side transform gives on the raw graph's descriptors."""
+    import onnx as onnx_lib
+
+    from sscd_triton import images, runtime, samples
+    from sscd_triton.report import Check
+    from sscd_triton.serving import postprocess_graph
+
+    raw = onnx_lib.load(onnx_path)
+    try:
+        served = postprocess_graph.append(raw, params)
+    except postprocess_graph.GraphError as e:
+        raise BuildError(f"--postprocess: {e}") from None
+    raw_bytes = raw.SerializeToString()
+    write_atomic(onnx_path, served.SerializeToString())
+    report.log(f"appended {params.describe()} to {onnx_path}: the server returns "
+               f"{params.dims_out}-d postprocessed descriptors",
+               postprocess=params.record())
+    run_raw = runtime.onnx_runner(runtime.onnx_session(raw_bytes))
+    run_served = runtime.onnx_runner(runtime.onnx_session(onnx_path))
+    worst = 0.0
+    for _, img in samples.photographs()[:2]:
+        x = images.to_tensor(img, pre)[None]
+        worst = max(worst, float(np.abs(run_served(x) - params(run_raw(x))).max()))
+    report.add([Check("postprocess: served graph vs client-side apply", worst <= 1e-5,
+                      f"max |diff| {worst:.2e} on 2 photographs", "<= 1e-5",
+                      {"max_abs": worst})])
 
 
 def _validate(loaded, onnx_path: str, precision: str, static: int | None, report: Report) -> None:
@@ -221,8 +272,8 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
                      precision: str | None = None, descriptor: str = "tensorrt",
                      preprocess: str = spec.DEFAULT_PREPROCESS, max_batch: int | None = None,
                      max_pixels: int = spec.MAX_IMAGE_PIXELS, dims: int | None = None,
-                     configs_only: bool = False, report: Report | None = None,
-                     stream=None) -> Built:
+                     configs_only: bool = False, postprocess: str | None = None,
+                     report: Report | None = None, stream=None) -> Built:
     """Write the Triton model repository `output` for `target` ("gpu" or "cpu").
 
     The descriptor ONNX is exported from `checkpoint` (None: the untrained demo weights),
@@ -230,7 +281,10 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
     only when `checkpoint` is given too). `plan` (gpu): serve this TensorRT plan instead of
     building one at container start. `precision`: of the exported ONNX (default fp16 for
     the gpu TensorRT path, fp32 otherwise). `configs_only`: configs without model files,
-    identity "unknown" (the committed model_repository/). Log lines and checks go to
+    identity "unknown" (the committed model_repository/). `postprocess`: a params file of
+    `sscd-postprocess fit`, appended to the served ONNX after the parity checks (which
+    compare raw descriptors), with a check that the served graph equals the client-side
+    transform; configs then give its width. Log lines and checks go to
     `report`, else a new one printing to `stream` (None: nowhere), in `Built.report`.
 
     Raises BuildError on bad input, before any model file or config is written; a failed
@@ -240,7 +294,8 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
     if max_batch is None:
         max_batch = 64 if target == "gpu" else 16
     _check_arguments(target, descriptor, preprocess, max_batch, max_pixels, plan, onnx,
-                     configs_only)
+                     configs_only, postprocess)
+    params = _load_postprocess(postprocess) if postprocess else None
     common = dict(target=target, preprocess=preprocess, max_batch=max_batch,
                   max_pixels=max_pixels, descriptor=descriptor, prebuilt_plan=bool(plan))
     if configs_only:
@@ -270,10 +325,14 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
         if precision and precision != facts.precision:
             raise BuildError(f"--precision {precision} contradicts --onnx {onnx}, which is "
                              f"{facts.precision}")
+    raw_dims = facts.dims if facts is not None else loaded.dims
+    if params is not None and params.dims_in != raw_dims:
+        raise BuildError(f"--postprocess {postprocess} takes {params.dims_in}-d descriptors; "
+                         f"the model gives {raw_dims}-d")
     # Nothing contradicts the build from here on: the report starts.
     if report is None:
         report = new_report(target, checkpoint=loaded is not None, onnx=onnx is not None,
-                            stream=stream or io.StringIO())
+                            postprocess=params is not None, stream=stream or io.StringIO())
     if loaded is not None:
         if checkpoint is None:
             report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
@@ -296,6 +355,9 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
         static = pre.size if (target == "gpu" and pre.square) else None
         onnx_export.export(loaded, onnx_path, precision, static, report)
         served_dims = loaded.dims
+    if params is not None:
+        _append_postprocess(onnx_path, params, pre, report)
+        served_dims = params.dims_out
 
     identity = model_name(checkpoint if checkpoint is not None or onnx is None else onnx)
     serving = ServingConfig(dims=served_dims, model_name=identity,
@@ -323,7 +385,8 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
         report.write_json(report_path)
     elif os.path.exists(report_path):
         os.remove(report_path)  # a previous build's parity does not describe this ONNX
-    return Built(output, serving, written, report, onnx_path, precision)
+    return Built(output, serving, written, report, onnx_path, precision,
+                 params.record() if params is not None else None)
 
 
 # --- what to run next --------------------------------------------------------------------
@@ -355,6 +418,12 @@ def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = No
     if serving.prebuilt_plan:
         return [f"tritonserver --model-repository {out}   # in an NGC Triton container on the "
                 "host whose TensorRT and GPU built the plan"]
+    if built.postprocess is not None:
+        # docker/Dockerfile's export stage builds from the checkpoint without --postprocess:
+        # serve this repository as built.
+        finish = f"docker/build_plan.sh {out} && " if repository.builds_plan(serving) else ""
+        return [f"{finish}tritonserver --model-repository {out}   # in an NGC Triton container "
+                "(the Dockerfile's own export does not take --postprocess)"]
     source = checkpoint or (built.report.facts.get("checkpoint") if built.report else None) \
         or "CHECKPOINT"
     arg = "" if serving.descriptor == "tensorrt" else " --build-arg DESCRIPTOR=onnxruntime"

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Find every group of near-duplicates in one collection.
+
+    python client/dedup.py --embeddings runs/photos --groups groups.parquet --pairs pairs.csv
+    python client/dedup.py --embeddings photos.npz --threshold 0.8 --groups groups.csv
+
+--embeddings: any output of embed.py (a Parquet folder or an .npz). The collection is
+searched against itself with the engine of match.py (exact and streamed by default;
+--index ivf|hnsw for very large collections, recall printed): each item's --k nearest
+other items (itself excluded) scoring at least --threshold are its near-duplicate pairs,
+and the connected components of those pairs are the groups.
+
+--threshold defaults to 0.75, upstream SSCD's cosine for about 90% precision with
+sscd_disc_mixup on DISC2021 (no postprocessing); raise it for exact re-encodes only,
+lower it for heavier edits at the cost of false groups. With --background (score
+normalisation) the scores shift: give --threshold explicitly (calibrate it with
+evaluate.py's threshold@P90).
+
+Outputs (each .csv or .parquet, by the name's extension; written atomically):
+  --pairs   id_a,id_b,score: every near-duplicate pair once, best first (with score
+            normalisation, which is not symmetric, a pair's score is the larger of its
+            two directions)
+  --groups  group_id,id,representative,group_size: one row per item in a group of two or
+            more (items with no near-duplicate are in no group); groups numbered from 0
+            by size, largest first; rows in collection order. The representative is the
+            member with the most pairs in its group (ties: the first in collection
+            order): keep the rows where id == representative to keep one per group.
+
+Pairs come from each item's k nearest neighbours, so an item with more than k
+near-duplicates lists only k of them; groups are still complete wherever those pairs
+connect them (raise --k for dense groups).
+
+Exit status: 0 done; 2 bad input (a missing file, an empty collection, an unwritable
+output: one line, nothing written); 130 interrupted.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from sscd_triton.cli.match import (COPY_THRESHOLD, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
+                                   add_search_arguments, index_line, logger, parser_for,
+                                   run_search, score_text, search_problems, text_writer)
+from sscd_triton.client import search
+from sscd_triton.files import OutputError, check_writable, write_atomic
+
+DEFAULT_K = 20
+FORMATS = (".csv", ".parquet")
+
+
+def parse_args(argv=None):
+    p = parser_for(__doc__, "dedup.py")
+    p.add_argument("--embeddings", required=True, metavar="EMBEDDINGS",
+                   help="the collection (embed.py output: folder or .npz)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"pairs scoring at least this are near-duplicates (default "
+                        f"{COPY_THRESHOLD}; required with --background)")
+    p.add_argument("--pairs", metavar="FILE", help="id_a,id_b,score (.csv or .parquet)")
+    p.add_argument("--groups", metavar="FILE",
+                   help="group_id,id,representative,group_size (.csv or .parquet)")
+    add_search_arguments(p, DEFAULT_K)
+    return p.parse_args(argv)
+
+
+def problems_of(args) -> list[str]:
+    out = search_problems(args)
+    if not args.pairs and not args.groups:
+        out.append("nothing to write: give --groups FILE and/or --pairs FILE")
+    for flag, path in (("--pairs", args.pairs), ("--groups", args.groups)):
+        if path and not path.lower().endswith(FORMATS):
+            out.append(f"{flag} {path}: name it .csv or .parquet")
+    if args.background and args.threshold is None:
+        out.append("--background shifts the scores: give --threshold too (calibrate it "
+                   "with evaluate.py's threshold@P90)")
+    return out
+
+
+def near_duplicate_pairs(result: search.Result, threshold: float
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unordered pairs (a < b positions) scoring >= threshold in either direction, each
+    once with its larger score, best first."""
+    a, b, s = [], [], []
+    for block in result.blocks:
+        q, r, sc = search.pairs(block, threshold)
+        a.append(np.minimum(q, r))
+        b.append(np.maximum(q, r))
+        s.append(sc)
+    if not a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a, b, s = np.concatenate(a), np.concatenate(b), np.concatenate(s)
+    order = np.lexsort((-s, b, a))  # by pair, best score first
+    a, b, s = a[order], b[order], s[order]
+    first = np.ones(len(a), bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    a, b, s = a[first], b[first], s[first]
+    order = np.lexsort((b, a, -s))
+    return a[order], b[order], s[order]
+
+
+def connected_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component label per position (union-find); -1 for positions in no pair."""
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist()):
+        rx, ry = find(x), find(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    roots = np.array([find(x) for x in range(n)], np.int64)
+    in_pair = np.zeros(n, bool)
+    in_pair[a] = True
+    in_pair[b] = True
+    return np.where(in_pair, roots, -1)
+
+
+def groups_table(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
+    """Columns of the groups output, by position: group_id (by size, largest first,
+    then first member), member position, representative position, group size."""
+    members = np.nonzero(labels >= 0)[0]
+    if len(members) == 0:
+        empty = np.zeros(0, np.int64)
+        return {"group_id": empty, "member": empty, "representative": empty, "size": empty}
+    degree = np.bincount(np.concatenate([a, b]), minlength=len(labels))
+    roots, inverse, sizes = np.unique(labels[members], return_inverse=True, return_counts=True)
+    # roots are each group's smallest position: order groups by size desc, then root
+    rank = np.empty(len(roots), np.int64)
+    rank[np.lexsort((roots, -sizes))] = np.arange(len(roots))
+    group = rank[inverse]
+    # representative: most pairs, then first position
+    order = np.lexsort((members, -degree[members], group))
+    first_of_group = np.ones(len(order), bool)
+    first_of_group[1:] = group[order][1:] != group[order][:-1]
+    rep = np.empty(len(roots), np.int64)
+    rep[group[order][first_of_group]] = members[order][first_of_group]
+    rows = np.lexsort((members, group))
+    return {"group_id": group[rows], "member": members[rows],
+            "representative": rep[group[rows]], "size": sizes[inverse][rows]}
+
+
+def write_table(path: str, columns: dict) -> None:
+    """Columns (name -> list/array) as CSV or Parquet by the extension, atomically."""
+    if path.lower().endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({k: pa.array(list(v), pa.string()) if v.dtype == object else pa.array(v)
+                          for k, v in columns.items()})
+        write_atomic(path, lambda f: pq.write_table(table, f))
+        return
+    names = list(columns)
+
+    def rows(w):
+        w.writerow(names)
+        cols = [score_text(v) if v.dtype == np.float32 else v.tolist()
+                for v in columns.values()]
+        w.writerows(zip(*cols))
+
+    write_atomic(path, text_writer(rows))
+
+
+def run(args) -> int:
+    log = logger(args, "dedup")
+    threshold = COPY_THRESHOLD if args.threshold is None else args.threshold
+    for flag, path in (("--pairs", args.pairs), ("--groups", args.groups)):
+        if path:
+            check_writable(path, flag, "groups.parquet" if flag == "--groups" else "pairs.csv")
+    collection = search.Embeddings.open(args.embeddings, f"--embeddings {args.embeddings}")
+    t0 = time.perf_counter()
+    result = run_search(args, collection, collection, exclude_self=True, log=log)
+    a, b, s = near_duplicate_pairs(result, threshold)
+    ids = result.reference_ids
+    n = len(ids)
+    labels = connected_groups(n, a, b)
+    g = groups_table(labels, a, b)
+    if args.pairs:
+        write_table(args.pairs, {"id_a": ids[a], "id_b": ids[b], "score": s})
+    if args.groups:
+        write_table(args.groups, {"group_id": g["group_id"], "id": ids[g["member"]],
+                                  "representative": ids[g["representative"]],
+                                  "group_size": g["size"]})
+    n_groups = int(g["group_id"].max()) + 1 if len(g["group_id"]) else 0
+    in_groups = len(g["member"])
+    largest = int(g["size"].max()) if in_groups else 0
+    print(f"{n} items ({result.stats['dims']}-d), k={args.k}, {index_line(result.stats)}"
+          + (f", score normalisation {args.score_norm} against {args.background}"
+             if args.background else ""))
+    print(f"{len(a)} near-duplicate pairs scoring >= {threshold}; {n_groups} groups holding "
+          f"{in_groups} items (largest {largest}); keeping one per group removes "
+          f"{in_groups - n_groups} items ({time.perf_counter() - t0:.1f} s)")
+    for flag, path in (("pairs", args.pairs), ("groups", args.groups)):
+        if path:
+            print(f"{flag}: {path}")
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    problems = problems_of(args)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run(args)
+    except (search.SearchInputError, OutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""The served sweep with NVIDIA's perf_analyzer, in-process rows beside it, CSV + plot.
+
+    python benchmarks/sweep.py                      # build + serve a cpu repository, full sweep
+    python benchmarks/sweep.py --quick --out /tmp/s # a few seconds per point (the test)
+    python benchmarks/sweep.py --url HOST:8001 --tag gpu --no-inprocess   # a running server
+
+Writes into --out (default benchmarks/results): perf-ensemble-TAG.csv and
+perf-descriptor-TAG.csv (perf_analyzer's CSV columns, one row per point, then Mode, Batch,
+Images/Second, Load Average and the composing models' mean batch / queue / compute),
+inprocess-TAG.csv, machine-TAG.txt and throughput-latency-TAG.png. Prints the ratio of the
+served ensemble at its best concurrency to the in-process pipeline (decode + resize + ONNX
+Runtime, no server) on the same photographs. Exit status 0; 1 when no point could be
+measured; 2 on bad arguments or without perf_analyzer (scripts/setup_bench.sh installs it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from sscd_triton import spec
+from sscd_triton.bench import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
+                   help="folder for the CSVs, machine file and plot (default benchmarks/results)")
+    p.add_argument("--tag", help="file name suffix (default: gpu when nvidia-smi sees one, else cpu)")
+    p.add_argument("--repository", help="serve this model repository instead of building a cpu "
+                                        "one (its sscd_descriptor/1/model.onnx feeds the in-process rows)")
+    p.add_argument("--url", help="an already-running server's gRPC HOST:PORT (nothing is built "
+                                 "or started; in-process rows need --checkpoint or run on demo weights)")
+    p.add_argument("--checkpoint", help="SSCD checkpoint (default: the untrained demo weights)")
+    p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8],
+                   help="ensemble concurrency sweep (default 1,2,4,8)")
+    p.add_argument("--rates", default="auto",
+                   help="ensemble request rates (requests/s, comma-separated), or 'auto': 0.5, "
+                        "0.75 and 1.0 x the best concurrency throughput (default)")
+    p.add_argument("--batch", type=int, default=8,
+                   help="descriptor images per request, and the largest in-process batch (default 8)")
+    p.add_argument("--descriptor-concurrency", type=_ints, default=[1, 2, 4],
+                   help="descriptor concurrency sweep (default 1,2,4)")
+    p.add_argument("--window-ms", type=int, default=6000,
+                   help="perf_analyzer measurement window (default 6000)")
+    p.add_argument("--max-trials", type=int, default=6,
+                   help="perf_analyzer windows before it gives up on stability (default 6)")
+    p.add_argument("--images", type=int, default=48, help="images per in-process row (default 48)")
+    p.add_argument("--no-inprocess", action="store_true", help="served points only")
+    p.add_argument("--perf-analyzer", help="the perf_analyzer binary (default: the venv's, then PATH)")
+    p.add_argument("--quick", action="store_true",
+                   help="the test's size: concurrency 1,2, one rate, descriptor c1 batch 2, "
+                        "1.5 s windows, 8 images per in-process row, no torch row")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.descriptor_concurrency, args.batch = [1, 2], [1], 2
+        args.window_ms, args.max_trials, args.images = 1500, 4, 8
+        if args.rates == "auto":
+            args.rates = "auto1"
+    if args.rates not in ("auto", "auto1"):
+        try:
+            args.rates = [float(x) for x in args.rates.split(",") if x]
+        except ValueError:
+            p.error("--rates takes numbers, comma-separated, or auto")
+    if min(args.concurrency + args.descriptor_concurrency + [args.batch, args.window_ms]) < 1:
+        p.error("--concurrency, --descriptor-concurrency, --batch, --window-ms must be >= 1")
+    if args.repository and args.url:
+        p.error("--repository and --url exclude each other")
+    return args
+
+
+def _fmt(x, digits=1):
+    try:
+        return f"{float(x):.{digits}f}"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def print_points(points: list[sweep.Point]) -> None:
+    print(f"\n{'path':<11} {'mode':<12} {'value':>6} {'b':>3} {'images/s':>9} {'p50 ms':>8} "
+          f"{'p99 ms':>8}  {'pre batch/queue/infer ms':>25}  {'desc batch/queue/infer ms':>26} load")
+    for p in points:
+        if not p.row:
+            print(f"{p.path:<11} {p.mode:<12} {p.value:>6g} {p.batch:>3}  failed: {p.error}")
+            continue
+        r = p.row
+
+        def trio(m):
+            return (f"{_fmt(r.get(f'{m} mean batch'), 2)}/{_fmt(float(r[f'{m} queue us']) / 1e3 if r.get(f'{m} queue us') not in (None, '') else None)}"
+                    f"/{_fmt(float(r[f'{m} compute infer us']) / 1e3 if r.get(f'{m} compute infer us') not in (None, '') else None)}"
+                    if f"{m} mean batch" in r else "")
+        print(f"{p.path:<11} {p.mode:<12} {p.value:>6g} {p.batch:>3} {r['Images/Second']:>9.2f} "
+              f"{float(r['p50 latency']) / 1e3:>8.0f} {float(r['p99 latency']) / 1e3:>8.0f}  "
+              f"{trio(spec.PREPROCESS_MODEL):>25}  {trio(spec.DESCRIPTOR_MODEL):>26} {r['Load Average']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    pa = sweep.find_perf_analyzer(args.perf_analyzer)
+    if pa is None:
+        print("error: perf_analyzer not found: run scripts/setup_bench.sh (or .venv/bin/python "
+              "scripts/install_perf_analyzer.py), or pass --perf-analyzer", file=sys.stderr)
+        return 2
+    from sscd_triton.bench import device, local
+    from sscd_triton.bench.common import load_inputs
+
+    t_start = time.perf_counter()
+    started = sweep.now()
+    jpegs, tensors = load_inputs()
+    work = tempfile.mkdtemp(prefix="sscd-sweep-")
+    server = None
+    try:
+        model = None
+        try:
+            model, checkpoint, _ = local.load_model(args.checkpoint, "cpu")
+        except local.LocalUnavailable as e:
+            if not args.url and not args.repository:
+                print(f"error: cannot build the cpu repository: {e}", file=sys.stderr)
+                return 2
+            checkpoint = None
+        except (OSError, ValueError) as e:
+            print(f"error: --checkpoint: {e}", file=sys.stderr)
+            return 2
+        load_at_start = [round(x, 2) for x in os.getloadavg()]
+        repo, onnx = args.repository, None
+        if repo:
+            onnx = os.path.join(repo, spec.DESCRIPTOR_MODEL, "1", "model.onnx")
+        elif not args.url:
+            onnx = local.export_onnx(model, os.path.join(work, "sscd.onnx"), "fp32")
+            from sscd_triton.serving.build import build_repository
+
+            repo = os.path.join(work, "repository")
+            # The exported ONNX as is: parity is export/build_repository.py's job, not the sweep's.
+            build_repository(repo, "cpu", onnx=onnx, max_batch=max(16, args.batch))
+        elif model is not None:
+            onnx = local.export_onnx(model, os.path.join(work, "sscd.onnx"), "fp32")
+
+        rows = []
+        if not args.no_inprocess and onnx and os.path.exists(onnx):
+            batches = sorted({1, 4, args.batch}) if not args.quick else [1, args.batch]
+            print(f"[sweep] in-process rows (batches {batches}, {args.images} images each)", flush=True)
+            rows = sweep.inprocess_rows(model, onnx, jpegs, tensors, batches, args.images,
+                                        warmup=1, with_torch=not args.quick)
+
+        if args.url:
+            url = args.url
+        else:
+            from sscd_triton.serving.server import TritonServer
+
+            server = TritonServer(repo).start()
+            url = server.grpc_url
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            meta = client.get_server_metadata(as_json=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"error: no Triton server answering at {url}: {e}", file=sys.stderr)
+            return 2
+        info = device.describe_device(meta, args.url)
+        info["load_average_at_start"] = load_at_start
+        tag = args.tag or ("gpu" if info["gpus"] else "cpu")
+        device.print_device(info)
+
+        ens_data = ["--input-data", sweep.write_ensemble_data(jpegs, os.path.join(work, "ens.json"))]
+        desc_data = ["--input-data", sweep.write_descriptor_data(tensors[0], os.path.join(work, "desc")),
+                     "--shape", f"{spec.INPUT_NAME}:{','.join(map(str, tensors.shape[1:]))}"]
+        timeout = max(60.0, args.window_ms / 1e3 * (args.max_trials + 2) * 2)
+
+        def measure(path, model_name, mode, value, batch, data):
+            print(f"[sweep] {path} {mode} {value:g} (batch {batch})", flush=True)
+            pt = sweep.run_point(pa, url, model_name, sweep.Point(path, mode, value, batch), data,
+                                 args.window_ms, work, timeout, args.max_trials)
+            if pt.error:
+                print(f"[sweep]   failed: {pt.error}", flush=True)
+            return pt
+
+        ens = [measure("ensemble", spec.ENSEMBLE_NAME, "concurrency", c, 1, ens_data)
+               for c in args.concurrency]
+        good = [p for p in ens if p.row]
+        best = max(good, key=lambda p: p.row["Images/Second"]) if good else None
+        if args.rates in ("auto", "auto1"):
+            fractions = (0.5, 0.75, 1.0) if args.rates == "auto" else (0.5,)
+            rates = [round(best.row["Images/Second"] * f, 2) for f in fractions] if best else []
+        else:
+            rates = args.rates
+        ens += [measure("ensemble", spec.ENSEMBLE_NAME, "request_rate", r, 1, ens_data)
+                for r in rates if r > 0]
+        desc = [measure("descriptor", spec.DESCRIPTOR_MODEL, "concurrency", c, args.batch, desc_data)
+                for c in args.descriptor_concurrency]
+        lifetime = sweep.server_statistics_note(client)
+        client.close()
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    files = {k: os.path.join(args.out, f"{k}-{tag}.{ext}") for k, ext in
+             (("perf-ensemble", "csv"), ("perf-descriptor", "csv"), ("inprocess", "csv"),
+              ("machine", "txt"), ("throughput-latency", "png"))}
+    sweep.write_perf_csv(ens, files["perf-ensemble"])
+    sweep.write_perf_csv(desc, files["perf-descriptor"])
+    if rows:
+        sweep.write_inprocess_csv(rows, files["inprocess"])
+    print_points(ens + desc)
+    if rows:
+        print(f"\n{'in-process':<20} {'b':>3} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} load")
+        for r in rows:
+            print(f"{r.id:<20} {r.batch:>3} {r.images_per_s:>9.2f} {r.pct(50):>8.1f} "
+                  f"{r.pct(99):>8.1f} {r.load1}")
+    pipes = [r for r in rows if r.id.startswith("pipeline-b")]
+    ratio_line = "ratio: n/a (no ensemble point or no in-process pipeline)"
+    ratio = None
+    if best and pipes:
+        top = max(pipes, key=lambda r: r.images_per_s)
+        ratio = best.row["Images/Second"] / top.images_per_s
+        ratio_line = (f"served ensemble at its best concurrency (c{int(best.value)}: "
+                      f"{best.row['Images/Second']:.2f} images/s) / in-process pipeline "
+                      f"(decode+resize+ORT, {top.id}: {top.images_per_s:.2f} images/s) = {ratio:.2f}")
+    print("\n" + ratio_line)
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    stamp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(pa))), "perf_analyzer",
+                         ".installed")
+    pa_version = open(stamp).read().strip() if os.path.exists(stamp) else "not from the installer"
+    sweep.write_machine(info, files["machine"], {
+        "started": started, "finished": sweep.now(),
+        "total_s": round(time.perf_counter() - t_start),
+        "perf_analyzer": f"{pa} ({pa_version}); measurement window {args.window_ms} ms, "
+                         f"stability 25% (100% on retry, see Stability %), max trials {args.max_trials}, "
+                         f"stabilised on average latency and throughput",
+        "server_lifetime_statistics": lifetime,
+        "weights": checkpoint if args.checkpoint else "demo (untrained) weights",
+        "ratio_ensemble_best_vs_inprocess_pipeline": round(ratio, 3) if ratio else None,
+    })
+    title = (f"SSCD ResNet50 320x320, {tag}: {info['cpu_model']} ({info['cpus_usable']} cpus), "
+             f"load {info['load_average_at_start'][0]}-{info['load_average_at_end'][0]}")
+    sweep.plot(ens + desc, rows, files["throughput-latency"], title)
+    print(f"\nwrote {', '.join(files[k] for k in files if os.path.exists(files[k]))}")
+    print(f"load average at end {info['load_average_at_end']}; total "
+          f"{time.perf_counter() - t_start:.0f} s. Quote these numbers with {files['machine']}.")
+    return 0 if any(p.row for p in ens + desc) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

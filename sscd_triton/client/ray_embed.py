@@ -1,0 +1,453 @@
+"""`embed.py --ray ADDRESS`: the same run, scaled out on Ray Data.
+
+The driver (this process) does what is cheap and must happen once: it asks a server for
+the model's facts (`cli.embed.describe`), opens the output folder (`io.ShardStore`, which
+holds the output's lock, checks the model identity and writes the manifest), and cuts the
+inputs into partitions:
+
+- every INPUT a listing (list files, `-`): `sources.iter_partitions`, exactly as embed.py
+  cuts them (same keys, same fingerprints: either command resumes the other's output);
+- otherwise (files, folders, globs): the de-duplicated, sorted listing of every input,
+  cut into `--partition-size` entries (`InputsPartition`; keyed by a hash of the INPUT
+  arguments). A finished partition whose entries changed (a folder that gained files) is
+  a usage error, as for a changed list file.
+
+Partitions with a done-marker are skipped unread; the others become one row each of
+`ray.data.from_items`, mapped with `map_batches(EmbedPartition, batch_size=1)` on an
+actor pool. Each actor holds one `transport.Endpoints` (a reused gRPC client per URL,
+all of `--url`, starting at a random one) and, per partition, runs the one pipeline of
+embed.py (`pipeline.run`: read, batch, send, split and isolate bad files) into a
+`PartitionStore`: the partition's own Parquet shards (`{key}-NNNNN.parquet`, written
+whole), failures, and its done-marker written last. So exactly-once holds per partition
+whatever dies: a partition without its marker is redone, and the shards an earlier
+attempt left are read back first (their ids skipped), never duplicated. An actor that
+dies mid-partition is restarted by Ray and the partition is retried (Ray Data's actor
+pools retry tasks of dead actors: max_restarts / max_task_retries -1); a rerun of the
+command redoes only partitions without a marker.
+
+The driver then counts the shards (their footers), writes the manifest, prints the
+summary and returns embed.py's exit status. The actors need the input files and the
+output folder at the same paths (a shared file system on a cluster).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+
+from sscd_triton import spec
+from sscd_triton.client import io as outio
+from sscd_triton.client import pipeline, sources, transport
+
+# Test hook: a file path; the first actor to claim it (creates it) writes one shard of
+# its partition and dies with os._exit(1), as a lost worker would.
+CRASH_ENV = "SSCD_RAY_TEST_CRASH_ONCE"
+
+
+class InputsPartition(sources.Partition):
+    """`lines` [index * size, ...) of the sorted, de-duplicated inputs `source` (the INPUT
+    arguments, NUL-joined); `problems`: id -> why it cannot be read at all."""
+
+    problems: dict
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha1(self.source.encode("utf-8", "surrogateescape")).hexdigest()
+        return f"inputs.{digest[:8]}.{self.index:05d}"
+
+    def describe(self) -> str:
+        start = self.index * self.size + 1
+        names = " ".join(self.source.split("\0"))
+        return f"the inputs {names} (sorted) entries {start}-{start + len(self.lines) - 1}"
+
+
+def iter_partitions(args: list[str], size: int, exclude=(), stdin=None):
+    """The partitions of a run (see the module doc)."""
+    if all(sources.is_listing(a) for a in args):
+        yield from sources.iter_partitions(args, size, stdin=stdin)
+        return
+    found: dict[str, str | None] = {}
+    for id_, problem in sources.iter_inputs(args, stdin=stdin, exclude=exclude):
+        if id_ not in found or problem is None:
+            found[id_] = problem  # a readable occurrence wins over a problem
+    ordered = sorted(found)
+    for index, start in enumerate(range(0, len(ordered), size)):
+        lines = ordered[start:start + size]
+        part = InputsPartition("\0".join(args), index, lines, size)
+        part.problems = {i: found[i] for i in lines if found[i]}
+        yield part
+
+
+def to_row(part: sources.Partition) -> dict:
+    """One Ray Dataset row; JSON keeps non-UTF-8 paths (surrogate escapes) intact."""
+    return {"key": part.key, "payload": json.dumps({
+        "kind": "inputs" if isinstance(part, InputsPartition) else "listing",
+        "source": part.source, "index": part.index, "size": part.size,
+        "lines": part.lines, "problems": getattr(part, "problems", {})})}
+
+
+def from_row(payload: str) -> sources.Partition:
+    doc = json.loads(payload)
+    cls = InputsPartition if doc["kind"] == "inputs" else sources.Partition
+    part = cls(doc["source"], doc["index"], doc["lines"], doc["size"])
+    part.problems = doc["problems"]
+    return part
+
+
+class PartitionStore(outio.ShardStore):
+    """The output folder as one actor writes one partition into it: no lock (the driver
+    holds it), no manifest (the driver writes it), only this partition's shards looked at
+    (read back at open, so shards of an attempt that died are kept and not redone)."""
+
+    def __init__(self, folder: str, meta: dict, shard_size: int, flush_seconds: float,
+                 key: str):
+        super().__init__(folder, meta, shard_size, flush_seconds, lock=False,
+                         partitioned=True)
+        self.key = key
+
+    def open(self) -> "PartitionStore":
+        for sub in (outio.EMBEDDINGS, outio.FAILURE_SHARDS, outio.MARKERS):
+            os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
+        for sub in (outio.EMBEDDINGS, outio.FAILURE_SHARDS):
+            for name in outio._shard_files(self.folder, sub):
+                part, n = outio._split_name(name)
+                if part == self.key:
+                    self._recorded.setdefault(part, []).append(
+                        os.path.join(self.folder, sub, name))
+                    self._seq[part] = max(self._seq.get(part, 0), n + 1)
+        if os.path.exists(os.path.join(self.folder, outio.MARKERS, self.key + ".json")):
+            self._markers = {self.key}
+        self._writer = outio._Writer()
+        return self
+
+    def _write_manifest(self) -> None:
+        pass  # the driver's
+
+
+class _Quiet:
+    def update(self, embedded: int, failed: int) -> None:
+        pass
+
+    def set_total(self, total: int) -> None:
+        pass
+
+
+class EmbedPartition:
+    """The actor of the pool: embeds one partition per call (`batch_size=1` rows)."""
+
+    def __init__(self, config: dict):
+        self.c = config
+        self.loop = asyncio.new_event_loop()
+        urls = list(config["urls"])
+        turn = random.randrange(len(urls))
+        self.endpoints = self.loop.run_until_complete(self._endpoints(urls[turn:] + urls[:turn]))
+        self.opts = pipeline.Options(
+            batch_size=config["batch_size"], concurrency=config["concurrency"],
+            read_threads=config["read_threads"],
+            preprocess=spec.PREPROCESS[config["preprocess"]],
+            client_side=config["client_side"], max_file_bytes=config["max_file_bytes"],
+            max_request_bytes=config["max_request_bytes"])
+        self.gave_up: str | None = None
+
+    async def _endpoints(self, urls):
+        return transport.Endpoints(urls, self.c["give_up_after"])
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: [] for k in ("key", "embedded", "failed", "skipped", "status", "message")}
+        for key, payload in zip(batch["key"], batch["payload"]):
+            counts, status, message = self.embed(from_row(str(payload)))
+            for k, v in zip(("key", "embedded", "failed", "skipped", "status", "message"),
+                            (str(key), *counts, status, message)):
+                out[k].append(v)
+        return out
+
+    def embed(self, part: sources.Partition) -> tuple[tuple[int, int, int], str, str]:
+        """`((embedded, failed, skipped), status, message)`; status "done" (marker
+        written), "unfinished" (servers gone, a shard not written: resumable) or "fatal"."""
+        if self.gave_up is not None:  # one give-up per actor: the rest is left for a rerun
+            return (0, 0, 0), "unfinished", self.gave_up
+        c = self.c
+        store = PartitionStore(c["folder"], c["meta"], c["shard_size"], c["flush_seconds"],
+                               part.key).open()
+        marker = store.partition_marker(part.key)
+        if marker is not None:  # a retried task whose first attempt finished
+            store.close(complete=True)
+            return (0, 0, len(part.lines)), "done", ""
+        sink = pipeline.Sink(store, _Quiet())
+        on_result = sink.result
+        if c.get("crash_file") and _claim(c["crash_file"]):
+            on_result = _dying(store, sink)
+        sender = transport.Sender(self.endpoints, c["model"], c["input"], c["dims"],
+                                  on_result, sink.failure, c["timeout"],
+                                  headers=c["headers"])
+        problems = getattr(part, "problems", {})
+        unit = pipeline.Unit([(line, problems.get(line)) for line in part.lines],
+                             lambda: store.partition_seen(part.key, part.fingerprint,
+                                                          part.describe()), part)
+        complete = False
+        try:
+            stats = self.loop.run_until_complete(
+                pipeline.run([unit], sink, sender, self.opts, _Quiet()))
+            if store.new_embedded + store.new_failed != stats.inputs:
+                raise outio.WriteError(f"{part.describe()}: {stats.inputs} new inputs but "
+                                       f"{store.new_embedded + store.new_failed} results")
+            complete = True
+            store.close(complete=True)
+        except transport.GiveUp as e:
+            self.gave_up = str(e)
+            return self._closed(store, part, "unfinished", str(e))
+        except outio.WriteError as e:
+            return self._closed(store, part, "unfinished", str(e))
+        except (transport.Fatal, outio.OutputError) as e:
+            return self._closed(store, part, "fatal", str(e))
+        finally:
+            if not complete:
+                try:
+                    store.close(complete=False)
+                except outio.WriteError:
+                    pass
+        return (store.new_embedded, store.new_failed, stats.skipped), "done", ""
+
+    @staticmethod
+    def _closed(store, part, status, message):
+        try:
+            store.close(complete=False)  # keeps what was done: a rerun resumes it
+        except outio.WriteError:
+            pass
+        return (store.new_embedded, store.new_failed, 0), status, message
+
+    def __del__(self):
+        try:
+            self.loop.run_until_complete(self.endpoints.close())
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _dying(store: PartitionStore, sink: pipeline.Sink):
+    """A result callback that records one shard of the partition, then kills the actor
+    (the CRASH_ENV test hook: a worker lost mid-partition)."""
+    def on_result(ids, embeddings) -> None:
+        sink.result(ids, embeddings)
+        store.commit()
+        store._writer.drain()  # the shard is on disk
+        os._exit(1)
+    return on_result
+
+
+def _claim(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _count_rows(folder: str) -> tuple[int, int]:
+    import pyarrow.parquet as pq
+
+    counts = []
+    for sub in (outio.EMBEDDINGS, outio.FAILURE_SHARDS):
+        counts.append(sum(pq.read_metadata(os.path.join(folder, sub, n)).num_rows
+                          for n in outio._shard_files(folder, sub)))
+    return counts[0], counts[1]
+
+
+def _start_ray(address: str, quiet: bool, actors: int):
+    try:
+        import ray
+    except ImportError:
+        raise UsageErrorProxy("--ray needs Ray: pip install 'ray[data]' "
+                              "(the version in requirements.txt)") from None
+    kwargs = {"include_dashboard": False, "log_to_driver": not quiet,
+              "logging_level": "WARNING"}
+    if address == "local":
+        # the actors mostly wait on files and servers: --ray-actors may exceed the cores
+        ray.init(num_cpus=max(actors, os.cpu_count() or 1), **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+class UsageErrorProxy(Exception):
+    """Raised here, turned into embed.py's UsageError (exit 2) by `run`."""
+
+
+async def _prepare(args, log):
+    """The model's facts, the preprocessing and the batch size, as embed.py finds them."""
+    from sscd_triton.cli import embed
+
+    endpoints = transport.Endpoints(args.url, args.give_up_after, on_change=log)
+    try:
+        info = await embed.describe(endpoints, args.model, _headers(args))
+    finally:
+        await endpoints.close()
+    mode = embed.resolve_preprocess(args, info)
+    batch = args.batch_size or embed.DEFAULT_BATCH
+    if info["max_batch"] and batch > info["max_batch"]:
+        batch = info["max_batch"]
+    return info, mode, batch
+
+
+def _headers(args) -> dict | None:
+    return dict(h.split("=", 1) for h in args.header or []) or None
+
+
+def run(args) -> int:
+    """embed.py's run, on Ray; returns its exit status (raises embed.UsageError)."""
+    from sscd_triton.cli import embed
+
+    try:
+        return _run(args, embed)
+    except UsageErrorProxy as e:
+        raise embed.UsageError(str(e)) from None
+
+
+def _run(args, embed) -> int:
+    started = time.monotonic()
+    if outio.is_npz(args.output):
+        raise UsageErrorProxy("--ray writes a folder output (Parquet shards): give --output "
+                              "a folder, not an .npz")
+    if args.shared_memory != "none":
+        raise UsageErrorProxy("--ray sends over gRPC only (its actors may run on other "
+                              "hosts): drop --shared-memory")
+    if args.partition_size < 1:
+        raise UsageErrorProxy("--ray resumes by partitions: --partition-size must be >= 1")
+    client_side = args.preprocess == "client"
+    args.model = args.model or (spec.DESCRIPTOR_MODEL if client_side else spec.ENSEMBLE_NAME)
+    progress = embed.Progress(args.quiet)
+    log = progress.log
+    store = None
+    complete = False
+    try:
+        try:
+            info, mode, batch = asyncio.run(_prepare(args, log))
+        except transport.GiveUp as e:
+            print(f"error: could not start: {embed.http_hint(str(e), args.url)}. Nothing was "
+                  "written; rerun when a server is up.", file=sys.stderr)
+            return embed.EXIT_UNFINISHED
+        except transport.Fatal as e:
+            raise UsageErrorProxy(str(e)) from None
+        meta = {"model": args.model, "model_version": info.get("version"),
+                "sscd_model": info.get("sscd_model"),
+                "weights_sha256": info.get("weights_sha256"), "dims": info["dims"],
+                "preprocess": mode.name, "preprocess_on": args.preprocess,
+                "urls": list(args.url)}
+        store = outio.ShardStore(args.output, meta, args.shard_size, args.flush_seconds,
+                                 partitioned=True, partition_size=args.partition_size)
+        try:
+            store.open()
+        except OSError as e:
+            store = None
+            raise UsageErrorProxy(str(e)) from None
+        except outio.OutputError as e:
+            store = None
+            raise UsageErrorProxy(str(e)) from None
+        if not store.partitioned:
+            raise UsageErrorProxy(f"{args.output} resumes by ids (written by embed.py with "
+                                  "folder or glob inputs): continue it without --ray, or use "
+                                  "another --output")
+        rows, skipped, keys = [], 0, []
+        for part in iter_partitions(args.inputs, store.partition_size, exclude=[store.folder]):
+            keys.append(part.key)
+            marker = store.partition_marker(part.key)
+            if marker is None:
+                rows.append(to_row(part))
+            elif marker.get("fingerprint") != part.fingerprint:
+                raise UsageErrorProxy(str(outio.mismatch(part.describe(), args.output)))
+            else:
+                skipped += len(part.lines)
+        if store.embedded or store.failed:
+            log(f"resuming {args.output}: {store.embedded} embedded and {store.failed} failed "
+                f"by earlier runs are kept ({len(keys) - len(rows)} of {len(keys)} partitions "
+                "finished, skipped unread)")
+        before = store.embedded, store.failed
+        embedded = failed = 0
+        statuses: dict[str, list[str]] = {}
+        actors = 0
+        if rows:
+            ray = _start_ray(args.ray, args.quiet, args.ray_actors)
+            try:
+                cpus = int(ray.cluster_resources().get("CPU", 1))
+                actors = max(1, min(args.ray_actors or cpus, cpus, len(rows)))
+                log(f"Ray: {len(rows)} partitions on {actors} actors")
+                config = {
+                    "urls": list(args.url), "give_up_after": args.give_up_after,
+                    "model": args.model, "input": info["input"], "dims": info["dims"],
+                    "timeout": args.timeout, "headers": _headers(args), "meta": meta,
+                    "folder": os.path.abspath(args.output), "shard_size": args.shard_size,
+                    "flush_seconds": args.flush_seconds, "batch_size": batch,
+                    "concurrency": args.concurrency, "read_threads": args.read_threads,
+                    "preprocess": mode.name, "client_side": client_side,
+                    "max_file_bytes": args.max_file_bytes,
+                    "max_request_bytes": args.max_request_bytes,
+                    "crash_file": os.environ.get(CRASH_ENV)}
+                ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                    EmbedPartition, batch_size=1, fn_constructor_kwargs={"config": config},
+                    compute=ray.data.ActorPoolStrategy(size=actors,
+                                                       max_tasks_in_flight_per_actor=1),
+                    num_cpus=1, max_restarts=-1, max_task_retries=-1)
+                for row in ds.iter_rows():
+                    embedded += int(row["embedded"])
+                    failed += int(row["failed"])
+                    skipped += int(row["skipped"])
+                    progress.update(int(row["embedded"]), int(row["failed"]))
+                    if row["status"] != "done":
+                        statuses.setdefault(row["status"], []).append(str(row["message"]))
+            finally:
+                if args.ray == "local":
+                    ray.shutdown()
+        store.embedded, store.failed = _count_rows(store.folder)
+        # also what attempts that died recorded before their partition was retried
+        embedded, failed = store.embedded - before[0], store.failed - before[1]
+        markers = os.path.join(store.folder, outio.MARKERS)
+        missing = [k for k in keys if not os.path.exists(os.path.join(markers, k + ".json"))]
+        complete = not missing and not statuses
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"interrupted: {embed._kept(store, args)}; rerun the same command to resume",
+              file=sys.stderr)
+        return embed.EXIT_INTERRUPTED
+    finally:
+        progress.close()
+        if store is not None:
+            if not complete:
+                try:
+                    store.embedded, store.failed = _count_rows(store.folder)
+                except Exception:  # noqa: BLE001
+                    pass
+            store.close(complete=complete)
+    if "fatal" in statuses:
+        raise UsageErrorProxy(statuses["fatal"][0])
+    if not complete:
+        why = (statuses.get("unfinished")
+               or [f"{len(missing)} partitions have no done-marker"])[0]
+        print(f"error: could not finish: {embed.http_hint(why, args.url)}.\nEverything "
+              f"finished so far is kept ({embed._kept(store, args)}); rerun the same command "
+              "to resume.", file=sys.stderr)
+        return embed.EXIT_UNFINISHED
+    elapsed = time.monotonic() - started
+    print(f"summary: embedded {embedded}, failed {failed}, skipped {skipped} (done before, or "
+          f"named twice), elapsed {elapsed:.1f}s, {(embedded + failed) / max(elapsed, 1e-9):.1f} "
+          f"images/s ({len(rows)} partitions on {actors} Ray actors); {args.output} holds "
+          f"{store.embedded} descriptors, {store.failed} failures in "
+          f"{outio.failures_path(args.output)}", flush=True)
+    status = embed.EXIT_FAILURES if store.failed else embed.EXIT_OK
+    if args.check_parity:
+        from sscd_triton.client import parity_check
+
+        try:
+            ok = parity_check.check(args.output, args.check_parity, args.checkpoint, mode,
+                                    args.max_file_bytes, args.seed,
+                                    resampled=not client_side and info.get("resampled", False))
+        except parity_check.ParityUsageError as e:
+            raise UsageErrorProxy(str(e)) from None
+        if not ok:
+            return embed.EXIT_PARITY
+    return status
