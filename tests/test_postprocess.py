@@ -335,3 +335,13 @@ def test_gpu_repository_takes_the_postprocessing_and_says_how_to_serve_it(raw_on
     assert [list(o.dims) for o in desc.output] == [[512]]
     steps = build.next_steps(built)
     assert len(steps) == 1 and "docker/build_plan.sh" in steps[0] and "docker build" not in steps[0]
+
+
+def test_raw_descriptors_never_join_a_postprocessed_output():
+    from sscd_triton.client import io as outio
+
+    raw = {"model": "sscd", "model_version": "1", "sscd_model": "m", "weights_sha256": "ab",
+           "preprocess": "square320", "preprocess_on": "server", "dims": 512}
+    applied = dict(raw, postprocess={"method": "center", "dims": 512})
+    assert outio.identity_conflict(applied, raw)
+    assert not outio.identity_conflict(raw, dict(raw))

@@ -86,7 +86,11 @@ def parse_composing(stdout: str) -> dict[str, dict]:
     from perf_analyzer's printed summary of its last measurement."""
     out: dict[str, dict] = {}
     current = None
-    section = stdout.rsplit("Request concurrency:", 1)[-1].rsplit("Request Rate:", 1)[-1]
+    # The last measurement block ("Request concurrency: N" / "Request Rate: R inference
+    # requests per seconds"), not the closing summary ("Request Rate: R, throughput: ...").
+    starts = [m.end() for m in re.finditer(
+        r"^(Request concurrency: \S+|Request Rate: \S+ inference requests.*)$", stdout, re.M)]
+    section = stdout[starts[-1]:] if starts else stdout
     for line in section.splitlines():
         m = _MODEL_RE.match(line)
         if m:

@@ -65,8 +65,10 @@ DEFAULT_PART = "part"
 UNKNOWN = "unknown"
 CREATED_BY = "sscd-triton embed.py"
 # What produced the descriptors; runs writing into one output must agree (identity_conflict).
+# "postprocess": set by `sscd-postprocess apply` (unknown for raw descriptors), so raw
+# descriptors are never appended to a transformed output of the same width.
 IDENTITY_KEYS = ("model", "model_version", "sscd_model", "weights_sha256", "preprocess",
-                 "preprocess_on", "dims")
+                 "preprocess_on", "dims", "postprocess")
 
 
 class OutputError(Exception):
