@@ -1,7 +1,7 @@
 """Install NVIDIA's perf_analyzer (2.41) into the venv as `<venv>/bin/perf_analyzer`, no root.
 
 Run with the venv's interpreter (`.venv/bin/python scripts/install_perf_analyzer.py`);
-`scripts/setup_bench.sh` calls it, and so does the sweep's test. Idempotent: a second run
+`scripts/setup.sh` calls it (never fatally), and so does the sweep's test. Idempotent: a second run
 with the same pins only checks the stamp (well under a second).
 
 PyPI's `perf-analyzer` wheels need glibc >= 2.38. The manylinux1 wheel of

@@ -13,3 +13,6 @@ if [ "$(cat .venv/.installed 2>/dev/null)" != "$want" ]; then
   .venv/bin/python scripts/install_tritonserver.py
   echo "$want" > .venv/.installed
 fi
+# perf_analyzer for benchmarks/sweep.py (idempotent, ~0.1 s once installed; never fatal).
+.venv/bin/python scripts/install_perf_analyzer.py ||
+  echo "[setup] perf_analyzer not installed: benchmarks/sweep.py will say so"

@@ -122,6 +122,9 @@ def test_ray_worker_killed_mid_partition_is_recovered(triton, folder, reference,
     assert crash.exists(), "the test hook did not kill a worker"
     assert r.returncode == 1, r.stdout + r.stderr
     assert_same(out, reference)  # nothing lost, nothing duplicated
+    # the retried partition read back the shard its dead attempt wrote, and skipped its ids
+    summary = next(line for line in r.stdout.splitlines() if line.startswith("summary:"))
+    assert "embedded 40, failed 1" in summary and " skipped 0 " not in summary, summary
     assert len(markers(out)) == 6
     assert read_manifest(str(out))["complete"]
 

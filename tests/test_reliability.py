@@ -37,7 +37,7 @@ def _checks(result, prefix):
 
 def test_every_check_passes_and_the_table_is_printed(short_run):
     proc, result = short_run
-    failed = [f"{c['name']}: {c['detail']}" for c in result["checks"] if not c["ok"]]
+    failed = [f"{c['name']}: {c['detail']}" for c in result["checks"] if c["ok"] is False]
     assert proc.returncode == 0 and not failed, failed
     table = proc.stdout[proc.stdout.index("| scenario |"):]
     for scenario in ("soak", "hostile", "sigterm", "faults", "overload", "security"):

@@ -40,7 +40,9 @@ def find_perf_analyzer(explicit: str | None = None) -> str | None:
     """--perf-analyzer, else the venv's wrapper beside this interpreter, else PATH."""
     import sys
 
-    for cand in (explicit, os.path.join(os.path.dirname(sys.executable), "perf_analyzer"),
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    for cand in (os.path.join(os.path.dirname(sys.executable), "perf_analyzer"),
                  shutil.which("perf_analyzer")):
         if cand and os.access(cand, os.X_OK):
             return cand

@@ -11,7 +11,7 @@ Images/Second, Load Average and the composing models' mean batch / queue / compu
 inprocess-TAG.csv, machine-TAG.txt and throughput-latency-TAG.png. Prints the ratio of the
 served ensemble at its best concurrency to the in-process pipeline (decode + resize + ONNX
 Runtime, no server) on the same photographs. Exit status 0; 1 when no point could be
-measured; 2 on bad arguments or without perf_analyzer (scripts/setup_bench.sh installs it).
+measured; 2 on bad arguments or without perf_analyzer (scripts/setup.sh installs it).
 """
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     pa = sweep.find_perf_analyzer(args.perf_analyzer)
     if pa is None:
-        print("error: perf_analyzer not found: run scripts/setup_bench.sh (or .venv/bin/python "
-              "scripts/install_perf_analyzer.py), or pass --perf-analyzer", file=sys.stderr)
+        print("error: perf_analyzer not found: run scripts/setup.sh (or .venv/bin/python "
+              "scripts/install_perf_analyzer.py), or pass --perf-analyzer PATH", file=sys.stderr)
         return 2
     from sscd_triton.bench import device, local
     from sscd_triton.bench.common import load_inputs

@@ -267,8 +267,11 @@ def _start_ray(address: str, quiet: bool, actors: int):
     if address == "local":
         # the actors mostly wait on files and servers: --ray-actors may exceed the cores
         ray.init(num_cpus=max(actors, os.cpu_count() or 1), **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
+    else:  # the cluster runs this driver's sscd_triton (its image brings the dependencies)
+        import sscd_triton
+
+        ray.init(address=address, runtime_env={"py_modules": [
+            os.path.dirname(os.path.abspath(sscd_triton.__file__))]}, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -368,7 +371,6 @@ def _run(args, embed) -> int:
                 f"by earlier runs are kept ({len(keys) - len(rows)} of {len(keys)} partitions "
                 "finished, skipped unread)")
         before = store.embedded, store.failed
-        embedded = failed = 0
         statuses: dict[str, list[str]] = {}
         actors = 0
         if rows:
@@ -393,13 +395,15 @@ def _run(args, embed) -> int:
                     compute=ray.data.ActorPoolStrategy(size=actors,
                                                        max_tasks_in_flight_per_actor=1),
                     num_cpus=1, max_restarts=-1, max_task_retries=-1)
-                for row in ds.iter_rows():
-                    embedded += int(row["embedded"])
-                    failed += int(row["failed"])
-                    skipped += int(row["skipped"])
-                    progress.update(int(row["embedded"]), int(row["failed"]))
-                    if row["status"] != "done":
-                        statuses.setdefault(row["status"], []).append(str(row["message"]))
+                try:
+                    for row in ds.iter_rows():
+                        skipped += int(row["skipped"])
+                        progress.update(int(row["embedded"]), int(row["failed"]))
+                        if row["status"] != "done":
+                            statuses.setdefault(row["status"], []).append(str(row["message"]))
+                except Exception as e:  # noqa: BLE001  (Ray gave up on a task: resumable)
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                    statuses.setdefault("unfinished", []).append(f"Ray: {first}")
             finally:
                 if args.ray == "local":
                     ray.shutdown()

@@ -1,0 +1,77 @@
+"""benchmarks/sweep.py end to end at its --quick size: perf_analyzer's CSV, the machine file,
+the plot. No timing assertions (the machine is shared; the numbers are whatever they are).
+
+The test installs perf_analyzer itself (scripts/install_perf_analyzer.py, idempotent, a
+few seconds the first time) and is skipped, with the installer's reason, only when that
+fails (no network, not linux x86_64).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PA_COLUMNS = ("Inferences/Second", "Client Send", "Network+Server Send/Recv", "Server Queue",
+              "Server Compute Input", "Server Compute Infer", "Server Compute Output",
+              "Client Recv", "p50 latency", "p90 latency", "p95 latency", "p99 latency")
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "install_perf_analyzer.py")],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.skip(f"perf_analyzer could not be installed: {proc.stderr.strip()[-300:]}")
+    path = os.path.join(os.path.dirname(sys.executable), "perf_analyzer")
+    assert os.access(path, os.X_OK), proc.stdout
+    return path
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_sweep_writes_csv_machine_and_plot(perf_analyzer, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--quick",
+         "--out", str(tmp_path), "--perf-analyzer", perf_analyzer],
+        cwd=ROOT, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ens = _rows(tmp_path / "perf-ensemble-cpu.csv")
+    desc = _rows(tmp_path / "perf-descriptor-cpu.csv")
+    for rows in (ens, desc):
+        assert rows
+        for col in PA_COLUMNS + ("Images/Second", "Load Average"):
+            assert col in rows[0], f"{col} missing: {list(rows[0])}"
+        assert all(float(r["Inferences/Second"]) > 0 for r in rows)
+    conc = [r for r in ens if r["Mode"] == "concurrency"]
+    assert [r["Concurrency"] for r in conc] == ["1", "2"]
+    assert any(r["Mode"] == "request_rate" and float(r["Request Rate"]) > 0 for r in ens)
+    # The composing models' breakdown is there: every ensemble request went through both.
+    for r in ens:
+        assert float(r["sscd_preprocess mean batch"]) >= 1
+        assert float(r["sscd_descriptor compute infer us"]) > 0
+    assert desc[0]["Batch"] == "2" and float(desc[0]["sscd_descriptor mean batch"]) >= 2
+    inproc = {r["Path"] for r in _rows(tmp_path / "inprocess-cpu.csv")}
+    assert {"pipeline-b1", "pipeline-b2", "ort-fp32-b1", "client-decode-1p"} <= inproc
+    machine = (tmp_path / "machine-cpu.txt").read_text()
+    for key in ("cpu_model", "memory", "load_average_at_start", "load_average_at_end",
+                "tritonserver", "onnxruntime", "perf_analyzer"):
+        assert key in machine, machine
+    png = (tmp_path / "throughput-latency-cpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "in-process pipeline" in proc.stdout and "= " in proc.stdout
+
+
+def test_sweep_without_perf_analyzer_says_how_to_install(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--quick",
+         "--out", str(tmp_path), "--perf-analyzer", str(tmp_path / "missing")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "perf_analyzer not found" in proc.stderr and "scripts/setup.sh" in proc.stderr
