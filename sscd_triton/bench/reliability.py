@@ -515,7 +515,11 @@ def sigterm(ctx: Context, server: TritonServer, exit_timeout: int) -> tuple[dict
     in_flight = [r for r in before if r[2] > signalled[0]]
     lost = [r for r in in_flight if r[3]]
     after = [r for r in results if r[0] == "after"]
-    after_other = [r for r in after if r[3] and "UNAVAILABLE" not in r[3]]
+    # Once the ensemble is unloaded, Triton answers "Request for unknown model: 'sscd' has
+    # no available versions" instead: also an answer at once, not a hang.
+    unloaded = [r for r in after if r[3] and "no available versions" in r[4]]
+    after_other = [r for r in after if r[3] and "UNAVAILABLE" not in r[3] and r not in unloaded]
+    hung = sum(th.is_alive() for th in threads + late)
     # Triton 2.51 drains what a model's scheduler already holds, but an ensemble request
     # between its steps meets the next model's stopped scheduler: UNAVAILABLE "Server is
     # stopping", a retryable answer (sscd-embed sends it again), never a hang.
@@ -526,19 +530,22 @@ def sigterm(ctx: Context, server: TritonServer, exit_timeout: int) -> tuple[dict
            "sent_during_drain": len(after),
            "answered_during_drain": sum(not r[3] for r in after),
            "refused_during_drain": sum("UNAVAILABLE" in r[3] for r in after),
+           "unknown_model_after_unload": len(unloaded), "hung": hung,
            "refusal_examples": sorted({r[4][:90] for r in after if r[3]})[:2],
            "exit_code": code, "exit_s": exit_s, "exit_timeout_s": exit_timeout}
     checks = [
-        check("sigterm: in-flight requests answered (descriptor, or retryable 'Server is "
-              "stopping' between ensemble steps)", bool(in_flight) and len(stopping) == len(lost)
-              and len(in_flight) - len(lost) > 0,
+        # Completion is a figure, not a check: on Triton 2.51 the ensemble does not drain
+        # (measured: 0/5 and 6/6 completed in two full runs, depending on where each was).
+        check("sigterm: every in-flight request answered (descriptor, or retryable 'Server is "
+              "stopping' between ensemble steps)", bool(in_flight) and len(stopping) == len(lost),
               f"{len(in_flight) - len(lost)}/{len(in_flight)} completed, {len(stopping)} refused "
               "UNAVAILABLE 'Server is stopping'"),
         check("sigterm: exits within the exit timeout", code is not None and exit_s <= exit_timeout + 5,
               f"exit code {code} after {exit_s} s (--exit-timeout-secs={exit_timeout})"),
-        check("sigterm: new requests refused or answered, never hung", not after_other,
+        check("sigterm: new requests refused or answered, never hung", not after_other and not hung,
               f"{fig['answered_during_drain']} answered, {fig['refused_during_drain']} refused "
-              f"UNAVAILABLE of {len(after)}"),
+              f"UNAVAILABLE, {len(unloaded)} 'no available versions' (model unloaded), "
+              f"{len(after_other)} other, {hung} hung of {len(after)}"),
     ]
     return fig, checks
 

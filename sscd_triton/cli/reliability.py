@@ -101,7 +101,8 @@ def table(result: dict) -> str:
                      f"{x['in_flight_completed']}/{x['in_flight_at_sigterm']} in flight completed, "
                      f"{x['in_flight_refused_server_stopping']} refused 'Server is stopping' "
                      "between ensemble steps; "
-                     f"{x['refused_during_drain']} new refused; exit {x['exit_code']} after "
+                     f"{x['refused_during_drain']} new refused UNAVAILABLE, "
+                     f"{x.get('unknown_model_after_unload', 0)} 'no available versions'; exit {x['exit_code']} after "
                      f"{x['exit_s']} s"))
     if "faults" in s:
         x = s["faults"]
@@ -128,10 +129,8 @@ def table(result: dict) -> str:
                      f"{sum(r['with key'] != 'restricted' for r in g.values())}/{len(g)} answered "
                      f"with it; HTTP {x['http_model_config']['without key'][:3]} without key"))
     head = ("scenario", "load", "requests", "failures", "figures")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(4)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
-    del widths
     return "\n".join(lines)
 
 

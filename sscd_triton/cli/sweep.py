@@ -236,7 +236,8 @@ def main(argv=None) -> int:
     sweep.write_machine(info, files["machine"], {
         "started": started, "finished": sweep.now(),
         "total_s": round(time.perf_counter() - t_start),
-        "perf_analyzer": f"{pa} ({pa_version}); measurement window {args.window_ms} ms, "
+        "perf_analyzer": f"{os.path.relpath(pa, ROOT) if pa.startswith(ROOT + os.sep) else pa} "
+                         f"({pa_version}); measurement window {args.window_ms} ms, "
                          f"stability 25% (100% on retry, see Stability %), max trials {args.max_trials}, "
                          f"stabilised on average latency and throughput",
         "server_lifetime_statistics": lifetime,

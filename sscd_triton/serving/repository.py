@@ -156,7 +156,12 @@ def preprocess_config(serving: ServingConfig) -> mc.ModelConfig:
         _instances(cfg, serving, 1)
     else:
         cfg.backend = "python"
-        _instances(cfg, serving, 2)  # one process per core: PIL decoding holds the GIL
+        # One process: PIL decodes + resizes a photograph in ~10 ms, the ResNet50 on ONNX
+        # Runtime takes ~130 ms per image per 2 cores, so one decoder feeds ~20 cores. A second
+        # instance only split the dynamic batches (the descriptor then ran smaller ones) and
+        # ran beside ONNX Runtime's threads on the same cores, slowing it by ~25%
+        # (benchmarks/sweep.py, composing-model statistics; see benchmarks/README.md).
+        _instances(cfg, serving, 1)
     _batching(cfg, serving)
     w = cfg.model_warmup.add(name="one_jpeg", batch_size=1)
     w.inputs[spec.ENSEMBLE_INPUT].data_type = mc.TYPE_UINT8
