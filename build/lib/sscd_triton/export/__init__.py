@@ -1,1 +1,0 @@
-"""Export SSCD checkpoints to ONNX, TensorRT and a Triton model repository."""
