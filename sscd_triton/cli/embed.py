@@ -475,18 +475,22 @@ async def run(args) -> int:
           f"({sender.requests} requests); {args.output} holds {store.embedded} descriptors, "
           f"{store.failed} failures in {outio.failures_path(args.output)}", flush=True)
     status = EXIT_FAILURES if store.failed else EXIT_OK
-    if args.check_parity:
-        from sscd_triton.client import parity_check
+    return with_parity(args, status, mode, not client_side and info.get("resampled", False))
 
-        try:
-            ok = parity_check.check(args.output, args.check_parity, args.checkpoint, mode,
-                                    args.max_file_bytes, args.seed,
-                                    resampled=not client_side and info.get("resampled", False))
-        except parity_check.ParityUsageError as e:
-            raise UsageError(str(e)) from None
-        if not ok:
-            return EXIT_PARITY
-    return status
+
+def with_parity(args, status: int, mode: spec.Preprocess, resampled: bool) -> int:
+    """`status`, or EXIT_PARITY when --check-parity's bound fails on the finished output
+    (`resampled`: the server decodes/resizes otherwise than PIL, see spec)."""
+    if not args.check_parity:
+        return status
+    from sscd_triton.client import parity_check
+
+    try:
+        ok = parity_check.check(args.output, args.check_parity, args.checkpoint, mode,
+                                args.max_file_bytes, args.seed, resampled=resampled)
+    except parity_check.ParityUsageError as e:
+        raise UsageError(str(e)) from None
+    return status if ok else EXIT_PARITY
 
 
 class Unaccounted(Exception):

@@ -443,15 +443,4 @@ def _run(args, embed) -> int:
           f"{store.embedded} descriptors, {store.failed} failures in "
           f"{outio.failures_path(args.output)}", flush=True)
     status = embed.EXIT_FAILURES if store.failed else embed.EXIT_OK
-    if args.check_parity:
-        from sscd_triton.client import parity_check
-
-        try:
-            ok = parity_check.check(args.output, args.check_parity, args.checkpoint, mode,
-                                    args.max_file_bytes, args.seed,
-                                    resampled=not client_side and info.get("resampled", False))
-        except parity_check.ParityUsageError as e:
-            raise UsageErrorProxy(str(e)) from None
-        if not ok:
-            return embed.EXIT_PARITY
-    return status
+    return embed.with_parity(args, status, mode, not client_side and info.get("resampled", False))
