@@ -40,11 +40,12 @@ import time
 
 import numpy as np
 
-from sscd_triton.cli.match import (COPY_THRESHOLD, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
+from sscd_triton.cli.match import (COPY_THRESHOLD, EXIT_OK,
                                    add_search_arguments, index_line, logger, parser_for,
                                    run_search, score_text, search_problems, text_writer)
 from sscd_triton.client import search
 from sscd_triton.files import OutputError, check_writable, write_atomic
+from sscd_triton.cli._main import run_main
 
 DEFAULT_K = 20
 FORMATS = (".csv", ".parquet")
@@ -202,18 +203,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problems = problems_of(args)
-    if problems:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        return run(args)
-    except (search.SearchInputError, OutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return run_main(problems_of(args), lambda: run(args), (search.SearchInputError, OutputError))
 
 
 if __name__ == "__main__":

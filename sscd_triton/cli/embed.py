@@ -61,6 +61,7 @@ from sscd_triton import spec
 from sscd_triton.cli._help import DefaultsHelpFormatter
 from sscd_triton.client import io as outio
 from sscd_triton.client import pipeline, sources, transport
+from sscd_triton.cli._main import run_main
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_UNFINISHED, EXIT_PARITY = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -505,22 +506,15 @@ def _kept(store, args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problems = validate(args)
-    if problems:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
+
+    def go() -> int:
         if args.ray:
             from sscd_triton.client import ray_embed  # ray is imported only here
 
             return ray_embed.run(args)
         return asyncio.run(run(args))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+
+    return run_main(validate(args), go, (UsageError,))
 
 
 if __name__ == "__main__":

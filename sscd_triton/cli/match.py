@@ -51,6 +51,7 @@ from sscd_triton.cli._help import DefaultsHelpFormatter
 from sscd_triton.client import search
 from sscd_triton.client.postprocess import ScoreNorm
 from sscd_triton.files import OutputError, check_writable, write_atomic
+from sscd_triton.cli._main import run_main
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 COPY_THRESHOLD = 0.75  # upstream: cosine > 0.75 = copy at ~90% precision (sscd_disc_mixup, DISC)
@@ -206,18 +207,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problems = search_problems(args)
-    if problems:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        return run(args)
-    except (search.SearchInputError, OutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return run_main(search_problems(args), lambda: run(args), (search.SearchInputError, OutputError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""The skeleton every command-line main shares: usage problems and expected errors as one
+`error:` line each with exit 2, Ctrl-C as 130, never a traceback for either."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def run_main(problems: list[str], run: Callable[[], int],
+             usage_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """`run()`'s exit status, unless `problems` (found before anything ran) or one of
+    `usage_errors` raised by `run` make it a usage error."""
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run()
+    except usage_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
