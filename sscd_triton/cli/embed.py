@@ -80,7 +80,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
 def parse_args(argv=None) -> argparse.Namespace:
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(
-        prog="embed.py", description=doc[0], formatter_class=_Formatter,
+        description=doc[0], formatter_class=_Formatter,
         epilog="\n\n".join(doc[2:]))
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files, folders, glob patterns, @list files, or - for stdin")
