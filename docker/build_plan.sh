@@ -65,7 +65,7 @@ mkdir -p "$cache" || fail "cannot create the plan cache $cache (mount a writable
 
 # Containers sharing the volume build one at a time; the second finds the first one's plan.
 if command -v flock >/dev/null; then
-  exec 9>"$cache/.lock"
+  exec 9>"$cache/.lock" || fail "cannot open $cache/.lock for writing (is the cache volume writable by uid $(id -u)?)"
   flock 9
 fi
 

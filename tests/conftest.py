@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,3 +118,35 @@ def ckpts(tmp_path_factory):
     }
     refs = {name: r101 if name == "classy_large" else r50 for name in paths}
     return paths, refs
+
+
+# --- the local tritonserver that the client tests (plain and --ray) share -----------------
+ROOT = Path(__file__).resolve().parents[1]
+EMBED = str(ROOT / "client" / "embed.py")
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory):
+    """A cpu repository (demo weights, max batch 8) served on 127.0.0.1 for the session."""
+    from sscd_triton.serving.server import TritonServer
+
+    work = tmp_path_factory.mktemp("client_server")
+    build = subprocess.run(
+        [sys.executable, str(ROOT / "export" / "build_repository.py"), "--target", "cpu",
+         "--output", str(work / "repo"), "--max-batch", "8"],
+        cwd=work, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    holder = SimpleNamespace(work=work, repo=work / "repo",
+                             checkpoint=work / "runs" / "demo-untrained.torchvision.pt")
+    holder.server = TritonServer(holder.repo, log_path=work / "server.log").start()
+    yield holder
+    holder.server.stop()
+
+
+def embed(*args, url=None, stdin=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`python client/embed.py ARGS [--url URL]` as a user runs it."""
+    cmd = [sys.executable, EMBED, *map(str, args)]
+    if url:
+        cmd += ["--url", url]
+    return subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -18,33 +18,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from sscd_triton.client.io import load_embeddings, load_failures, read_manifest
 from sscd_triton import samples
+from conftest import EMBED, ROOT, embed  # noqa: F401  (the shared server fixture: triton)
 from sscd_triton.serving.server import TritonServer, free_ports
 
-ROOT = Path(__file__).resolve().parents[1]
-EMBED = str(ROOT / "client" / "embed.py")
 TOL = 1e-5
-
-
-@pytest.fixture(scope="session")
-def triton(tmp_path_factory):
-    work = tmp_path_factory.mktemp("client_server")
-    build = subprocess.run(
-        [sys.executable, str(ROOT / "export" / "build_repository.py"), "--target", "cpu",
-         "--output", str(work / "repo"), "--max-batch", "8"],
-        cwd=work, capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    holder = SimpleNamespace(work=work, repo=work / "repo",
-                             checkpoint=work / "runs" / "demo-untrained.torchvision.pt")
-    holder.server = TritonServer(holder.repo, log_path=work / "server.log").start()
-    yield holder
-    holder.server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -53,14 +36,6 @@ def photos(tmp_path_factory):
     for path in samples.photograph_paths():
         shutil.copy(path, folder)
     return folder
-
-
-def embed(*args, url=None, stdin=None, timeout=240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, EMBED, *map(str, args)]
-    if url:
-        cmd += ["--url", url]
-    return subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def start_embed(*args, url) -> subprocess.Popen:

@@ -2,8 +2,7 @@
 tritonserver: the same descriptors and failure records as a plain embed.py run, nothing
 lost or duplicated, a worker killed mid-partition recovered, resume across both forms.
 
-Like tests/test_client.py, one cpu repository (max batch 8) is built and served per
-session, and every run is `python client/embed.py` as a subprocess.
+It shares tests/conftest.py's server (one cpu repository, max batch 8, per session), and every run is `python client/embed.py` as a subprocess.
 """
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,26 +19,11 @@ pytest.importorskip("ray")
 
 from sscd_triton import samples  # noqa: E402
 from sscd_triton.client.io import load_embeddings, load_failures, read_manifest  # noqa: E402
-from sscd_triton.serving.server import TritonServer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-EMBED = str(ROOT / "client" / "embed.py")
+from conftest import EMBED, ROOT, embed  # noqa: E402,F401  (and the shared fixture triton)
 TOL = 1e-5
 RAY = ("--ray", "local", "--ray-actors", "2", "--partition-size", "8", "--shard-size", "3",
        "--quiet")
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ray_server")
-    build = subprocess.run(
-        [sys.executable, str(ROOT / "export" / "build_repository.py"), "--target", "cpu",
-         "--output", str(work / "repo"), "--max-batch", "8"],
-        cwd=work, capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    server = TritonServer(work / "repo", log_path=work / "server.log").start()
-    yield SimpleNamespace(url=server.grpc_url)
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +40,11 @@ def folder(tmp_path_factory):
     return root
 
 
-def embed(*args, url, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, EMBED, *map(str, args), "--url", url], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
 @pytest.fixture(scope="module")
 def reference(triton, folder, tmp_path_factory):
     """embed.py without Ray on the same folder: ({id: descriptor}, {id: reason})."""
     out = tmp_path_factory.mktemp("ray_ref") / "out"
-    r = embed(folder, "--output", out, "--quiet", url=triton.url)
+    r = embed(folder, "--output", out, "--quiet", url=triton.server.grpc_url)
     assert r.returncode == 1, r.stderr  # completed, one failure
     assert "summary: embedded 40, failed 1" in r.stdout
     ids, emb = load_embeddings(str(out))
@@ -94,7 +71,7 @@ def markers(out: Path) -> list[str]:
 
 def test_ray_matches_embed_and_resumes(triton, folder, reference, tmp_path):
     out = tmp_path / "out"
-    r = embed(folder, "--output", out, *RAY, url=triton.url)
+    r = embed(folder, "--output", out, *RAY, url=triton.server.grpc_url)
     assert r.returncode == 1, r.stdout + r.stderr  # embed.py's status: completed, failures
     assert "summary: embedded 40, failed 1" in r.stdout, r.stdout
     assert_same(out, reference)
@@ -103,13 +80,13 @@ def test_ray_matches_embed_and_resumes(triton, folder, reference, tmp_path):
     assert manifest["complete"] and manifest["count"] == 40 and manifest["failures"] == 1
     assert manifest["resume"] == "partitions"
 
-    again = embed(folder, "--output", out, *RAY, url=triton.url)  # all done: nothing redone
+    again = embed(folder, "--output", out, *RAY, url=triton.server.grpc_url)  # all done
     assert again.returncode == 1, again.stderr
     assert "summary: embedded 0, failed 0, skipped 41" in again.stdout, again.stdout
     assert_same(out, reference)
 
     # plain embed.py continues a Ray output (by ids: folder inputs), redoing nothing
-    plain = embed(folder, "--output", out, "--quiet", url=triton.url)
+    plain = embed(folder, "--output", out, "--quiet", url=triton.server.grpc_url)
     assert plain.returncode == 1, plain.stderr
     assert "summary: embedded 0, failed 0" in plain.stdout, plain.stdout
     assert_same(out, reference)
@@ -117,7 +94,7 @@ def test_ray_matches_embed_and_resumes(triton, folder, reference, tmp_path):
 
 def test_ray_worker_killed_mid_partition_is_recovered(triton, folder, reference, tmp_path):
     out, crash = tmp_path / "out", tmp_path / "crashed"
-    r = embed(folder, "--output", out, *RAY, url=triton.url,
+    r = embed(folder, "--output", out, *RAY, url=triton.server.grpc_url,
               env={"SSCD_RAY_TEST_CRASH_ONCE": str(crash)})
     assert crash.exists(), "the test hook did not kill a worker"
     assert r.returncode == 1, r.stdout + r.stderr
@@ -134,16 +111,16 @@ def test_ray_list_file_partitions_are_embed_py_partitions(triton, folder, refere
     names = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     listing.write_text("\n".join(names) + "\n")
     ray_out, plain_out = tmp_path / "ray", tmp_path / "plain"
-    r = embed(f"@{listing}", "--output", ray_out, *RAY, url=triton.url)
+    r = embed(f"@{listing}", "--output", ray_out, *RAY, url=triton.server.grpc_url)
     assert r.returncode == 1, r.stdout + r.stderr
     assert_same(ray_out, reference)
     p = embed(f"@{listing}", "--output", plain_out, "--partition-size", "8", "--quiet",
-              url=triton.url)
+              url=triton.server.grpc_url)
     assert p.returncode == 1, p.stderr
     assert markers(ray_out) == markers(plain_out)  # the same partitions, the same keys
     # embed.py resumes the Ray output: every partition is finished, skipped unread
     again = embed(f"@{listing}", "--output", ray_out, "--partition-size", "8", "--quiet",
-                  url=triton.url)
+                  url=triton.server.grpc_url)
     assert again.returncode == 1, again.stderr
     assert "summary: embedded 0, failed 0, skipped 41" in again.stdout, again.stdout
 

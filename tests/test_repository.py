@@ -155,7 +155,9 @@ def test_a_plan_is_checked_against_the_repository(tmp_path, capsys):
     (tmp_path / "sscd.plan.parity.json").write_text(json.dumps(report))
     assert build_repository.main(args + ["--max-batch", "64"]) == 2
     assert "exceeds the plan's profile (batch <= 32)" in capsys.readouterr().err
-    assert build_repository.main(args + ["--max-batch", "32", "--preprocess", "short288"]) == 0
+    # A fixed 320x320 plan cannot take short288's 288xW tensors (its warm-up is 288x384).
+    assert build_repository.main(args + ["--max-batch", "32", "--preprocess", "short288"]) == 2
+    assert "does not take short288's 288x288..864x864" in capsys.readouterr().err
     assert build_repository.main(args + ["--max-batch", "32"]) == 0
     cfg = repository.parse_pbtxt((tmp_path / "r" / spec.DESCRIPTOR_MODEL / "config.pbtxt").read_text())
     assert cfg.backend == "tensorrt" and cfg.max_batch_size == 32
@@ -165,6 +167,11 @@ def test_a_plan_is_checked_against_the_repository(tmp_path, capsys):
     (tmp_path / "sscd.plan.parity.json").write_text(json.dumps(report))
     assert build_repository.main(args + ["--max-batch", "32"]) == 2
     assert "does not take square320's 320x320" in capsys.readouterr().err
+    # The repository warms up (and sends) batch 1: a profile starting above it is refused.
+    report["profile"] = [[4, 3, 320, 320], [32, 3, 320, 320], [32, 3, 320, 320]]
+    (tmp_path / "sscd.plan.parity.json").write_text(json.dumps(report))
+    assert build_repository.main(args + ["--max-batch", "32"]) == 2
+    assert "starts at batch 4" in capsys.readouterr().err
 
 
 def test_bad_build_arguments_exit_2(tmp_path, capsys):

@@ -102,14 +102,19 @@ def plan_problems(plan: str, max_batch: int, preprocess: spec.Preprocess) -> lis
     problems = []
     if not report.get("passed", False):
         problems.append(f"--plan {plan}: its parity report says a check failed ({report_path})")
+    if lo[0] > 1:  # the config warms the model up at batch 1
+        problems.append(f"the plan's profile starts at batch {lo[0]}; the repository sends "
+                        "batches from 1: rebuild it with --min-batch 1")
     if hi[0] < max_batch:
         problems.append(f"--max-batch {max_batch} exceeds the plan's profile (batch <= {hi[0]}); "
                         f"pass --max-batch {hi[0]} or rebuild the plan")
-    sizes = [preprocess.size] if preprocess.square else []
-    for side in sizes:
-        if not (lo[2] <= side <= hi[2] and lo[3] <= side <= hi[3]):
-            problems.append(f"the plan's profile ({lo[2]}x{lo[3]}..{hi[2]}x{hi[3]}) does not "
-                            f"take {preprocess.name}'s {side}x{side} tensors")
+    # The tensors this repository sends: the same range its own plan recipe would cover.
+    want_lo, _, want_hi = repository.ServingConfig(preprocess=preprocess.name).profile()
+    if not (lo[2] <= want_lo[2] and lo[3] <= want_lo[3]
+            and hi[2] >= want_hi[2] and hi[3] >= want_hi[3]):
+        problems.append(f"the plan's profile ({lo[2]}x{lo[3]}..{hi[2]}x{hi[3]}) does not take "
+                        f"{preprocess.name}'s {want_lo[2]}x{want_lo[3]}..{want_hi[2]}x{want_hi[3]} "
+                        "tensors")
     return problems
 
 

@@ -132,15 +132,3 @@ def append(model, params):
     except Exception as e:  # noqa: BLE001
         raise GraphError(f"the postprocessed graph does not check: {e}") from None
     return out
-
-
-def append_file(path: str, params, output: str | None = None) -> str:
-    """`append` on the ONNX file `path`, written (atomically) to `output` (default: in
-    place). Returns the written path."""
-    import onnx
-
-    from sscd_triton.files import write_atomic
-
-    model = onnx.load(path)
-    data = append(model, params).SerializeToString()
-    return write_atomic(output or path, data)
