@@ -273,11 +273,13 @@ async def _model_facts(client, model: str, headers: dict | None) -> dict:
         cfg = (await client.get_model_config(model, headers=headers, as_json=True,
                                              client_timeout=10))["config"]
     except Exception as e:  # noqa: BLE001
-        if transport.classify(e) == transport.RETRY:
-            raise
-        if transport.status_name(e) == "NOT_FOUND":
+        # "Request for unknown model: 'x' is not found" is final (a restarting server says
+        # "has no available versions" instead, which is retried).
+        if transport.status_name(e) == "NOT_FOUND" and "is not found" in str(e):
             raise transport.Fatal(f"the server does not serve model {model!r} "
                                   f"({transport.clean_message(e)})") from None
+        if transport.classify(e) == transport.RETRY:
+            raise
     md = await client.get_model_metadata(model, headers=headers, as_json=True, client_timeout=10)
     versions = sorted(md.get("versions") or [], key=lambda v: (len(v), v))
     if cfg is not None:
@@ -354,10 +356,13 @@ def http_hint(message: str, urls: list[str]) -> str:
 def _finish(output, store, complete: bool) -> None:
     """The one cleanup of the output (on a thread: it fsyncs): finalize an .npz that is
     complete, else close the store, recording whether every input was accounted for."""
-    if complete and isinstance(output, outio.NpzOutput):
-        output.finalize()
-    else:
-        store.close(complete=complete)
+    try:
+        if complete and isinstance(output, outio.NpzOutput):
+            output.finalize()
+        else:
+            store.close(complete=complete)
+    except OSError as e:  # disk full, read-only: resumable, not "completed with failures"
+        raise outio.WriteError(f"writing the output failed: {e}") from e
 
 
 async def run(args) -> int:
@@ -443,11 +448,11 @@ async def run(args) -> int:
             complete = True
         finally:  # the one cleanup path, whatever happened above
             progress.close()
-            if store is not None:
-                await asyncio.to_thread(_finish, output, store, complete)
             if slots is not None:
                 await slots.close(endpoints.all)
             await endpoints.close()
+            if store is not None:  # last: a WriteError here still leaves nothing open
+                await asyncio.to_thread(_finish, output, store, complete)
     except asyncio.CancelledError:
         print(f"interrupted: {_kept(store, args)}; rerun the same command to resume",
               file=sys.stderr)

@@ -103,10 +103,6 @@ class Endpoints:
             until = min(waits + [deadline])
             await self._wait_change(max(0.01, until - now))
 
-    def answer(self) -> None:
-        """A server answered something (also outside a picked request)."""
-        self.last_answer = max(self.last_answer, self._now())
-
     async def report(self, ep: Endpoint, ok: bool, error: BaseException | None = None) -> None:
         """The outcome of one picked request: `ok` when the server answered (even with
         an error about the input, a batch error or a full queue), False for transport

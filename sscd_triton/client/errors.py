@@ -99,11 +99,6 @@ def _bare(message: str) -> str:
     return re.sub(r"^\[request id: [^\]]*\] ", "", m)
 
 
-def is_dali(e: BaseException) -> bool:
-    return (isinstance(e, InferenceServerException) and status_name(e) == "UNKNOWN"
-            and _bare(e.message() or "").startswith(_DALI))
-
-
 def classify(e: BaseException) -> str:
     if not isinstance(e, InferenceServerException):
         return RETRY  # OSError: connection-level trouble surfacing as another type

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import itertools
 import os
 import re
@@ -112,8 +111,10 @@ class Partition:
             slug = "stdin"
         else:
             name = re.sub(r"[^A-Za-z0-9_.]+", "_", os.path.basename(list_path(self.source)))[:40]
-            digest = hashlib.sha1(list_path(self.source).encode("utf-8", "surrogateescape")
-                                  ).hexdigest()
+            # the file, not how it was typed: ./list.txt, list.txt and another working
+            # directory name the same partitions (else a rerun would embed everything again)
+            where = os.path.realpath(list_path(self.source))
+            digest = hashlib.sha1(where.encode("utf-8", "surrogateescape")).hexdigest()
             slug = f"{name}.{digest[:8]}"
         return f"{slug}.{self.index:05d}"
 
@@ -140,11 +141,12 @@ def _listing_lines(arg: str, stdin: TextIO | None) -> Iterator[str]:
         if stdin is not None:
             yield from _lines(stdin)
             return
-        text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
-        try:
+        # A reader of its own on fd 0, not sys.stdin.buffer: this runs on the enumerating
+        # (daemon) thread, and a daemon blocked inside sys.stdin's buffer lock aborts the
+        # interpreter at exit ("could not acquire lock for <stdin>", status 134).
+        with open(sys.stdin.fileno(), encoding="utf-8", errors="surrogateescape",
+                  closefd=False) as text:
             yield from _lines(text)
-        finally:
-            text.detach()  # leave sys.stdin open
         return
     with open(list_path(arg), encoding="utf-8", errors="surrogateescape") as f:
         yield from _lines(f)
@@ -239,17 +241,10 @@ def iter_inputs(args: Iterable[str], stdin: TextIO | None = None,
                 yield from ((line, None) for line in _lines(stdin))
                 continue
             # bytes as given, like list files: a non-UTF-8 path must not stop the run
-            text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
-            try:
-                for line in _lines(text):
-                    yield line, None
-            finally:
-                text.detach()  # leave sys.stdin open
+            yield from ((line, None) for line in _listing_lines(arg, None))
         elif is_list_file(arg):
             try:
-                with open(list_path(arg), encoding="utf-8", errors="surrogateescape") as f:
-                    for line in _lines(f):
-                        yield line, None
+                yield from ((line, None) for line in _listing_lines(arg, None))
             except OSError as e:
                 yield arg, f"cannot read the list file: {e.strerror.lower()}"
         elif not os.path.lexists(arg) and glob.has_magic(arg):

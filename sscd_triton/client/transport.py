@@ -14,7 +14,8 @@ This module holds the sender policy.
 - BUSY ("Exceeds maximum queue size"): the queue bound working. The request backs off
   with jitter (0.05 s doubling to 2 s, times 0.5-1.5; waiting requests are not in flight,
   which lowers the pressure), the endpoint stays in rotation, and it counts as an answer.
-  Bounded by `busy_for` seconds: then its items fail with the reason.
+  Bounded by `busy_for` seconds: then the run stops with GiveUp (exit 3, resumable):
+  an overloaded server says nothing about the images, so no failure is recorded.
 - BATCH (DALI: one corrupt image fails the whole *formed* batch, which may hold other
   requests' images): the request is re-sent after a short jitter (so that the requests
   of that formed batch do not meet again); once, whole, if `retry_whole` (its own images
@@ -43,7 +44,7 @@ from tritonclient.utils import InferenceServerException
 
 from sscd_triton.client.endpoints import Endpoint, Endpoints, make_client  # noqa: F401  (re-exported)
 from sscd_triton.client.errors import (BATCH, BUSY, ERROR, REJECT, RESTRICTED, RETRY, SHM,  # noqa: F401
-                           Fatal, GiveUp, answered, classify, clean_message, is_dali,
+                           Fatal, GiveUp, answered, classify, clean_message,
                            restricted, split, status_name)
 from sscd_triton.client.errors import ITEM as _ITEM
 from sscd_triton.client.errors import MAX_ROWS as _MAX_ROWS
@@ -237,10 +238,8 @@ class Sender:
             self.max_rows = int(cap.group(1))
             await self.send(items)
             return
-        if outcome.kind == BUSY:  # overloaded past the bound: no verdict on the images
-            for item in items:
-                self.on_failure(item.id, reason(outcome, 0))
-            return
+        if outcome.kind == BUSY:  # overloaded past the bound: no verdict on the images, so
+            raise GiveUp(outcome.message)  # none is recorded; the run stops resumable (exit 3)
         batch_error = outcome.kind in (BATCH, ERROR)
         if len(items) > 1:
             if batch_error and self.retry_whole and not whole:  # most likely a batch-mate's
@@ -279,8 +278,6 @@ def reason(r: Rejection, tries: int) -> str:
     if r.kind == REJECT:
         msg = msg[len(spec.BAD_IMAGE_PREFIX):] if msg.startswith(spec.BAD_IMAGE_PREFIX) else msg
         return f"the server rejected it as a bad image: {msg}"
-    if r.kind == BUSY:
-        return f"not embedded: {msg}"
     if r.kind == RETRY:
         return f"the server never answered for it: {msg}"
     if r.kind == BATCH:
