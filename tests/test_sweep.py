@@ -75,3 +75,28 @@ def test_sweep_without_perf_analyzer_says_how_to_install(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "perf_analyzer not found" in proc.stderr and "scripts/setup.sh" in proc.stderr
+
+
+def test_a_point_that_never_measures_is_tried_three_times_and_says_why(tmp_path):
+    """perf_analyzer's own failure lines (perf_analyzer/inference_profiler.cc) end each try;
+    the last try doubles the window, and the point keeps every try's reason."""
+    from sscd_triton.bench import sweep
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text("#!/bin/sh\n"
+                    f"echo \"$@\" >> {calls}\n"
+                    "echo 'Failed to obtain stable measurement within 4 measurement windows "
+                    "for concurrency 1. Please try to increase the --measurement-interval.'\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    point = sweep.run_point(str(fake), "127.0.0.1:1", "sscd", sweep.Point("ensemble", "concurrency", 1, 1),
+                            [], 1500, str(tmp_path), 30, 4)
+    assert not point.row
+    tries = calls.read_text().splitlines()
+    assert len(tries) == 3
+    assert ["--stability-percentage 25", "--stability-percentage 100", "--stability-percentage 100"] == [
+        t[t.index("--stability-percentage"):].split(" --")[0] for t in tries]
+    assert "--measurement-interval 3000" in tries[2]
+    assert point.error.count("Failed to obtain stable measurement") == 3
+    assert "[100%, 3000 ms]" in point.error

@@ -10,8 +10,9 @@ perf-descriptor-TAG.csv (perf_analyzer's CSV columns, one row per point, then Mo
 Images/Second, Load Average and the composing models' mean batch / queue / compute),
 inprocess-TAG.csv, machine-TAG.txt and throughput-latency-TAG.png. Prints the ratio of the
 served ensemble at its best concurrency to the in-process pipeline (decode + resize + ONNX
-Runtime, no server) on the same photographs. Exit status 0; 1 when no point could be
-measured; 2 on bad arguments or without perf_analyzer (scripts/setup.sh installs it).
+Runtime, no server) on the same photographs. Exit status 0; 1 when a point could not be
+measured (the others are still written); 2 on bad arguments or without perf_analyzer
+(scripts/setup.sh installs it).
 """
 from __future__ import annotations
 
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
         "total_s": round(time.perf_counter() - t_start),
         "perf_analyzer": f"{os.path.relpath(pa, ROOT) if pa.startswith(ROOT + os.sep) else pa} "
                          f"({pa_version}); measurement window {args.window_ms} ms, "
-                         f"stability 25% (100% on retry, see Stability %), max trials {args.max_trials}, "
+                         f"stability 25% (then 100%, then 100% over doubled windows: see Stability %, "
+                         f"Window ms), max trials {args.max_trials}, "
                          f"stabilised on average latency and throughput",
         "server_lifetime_statistics": lifetime,
         "weights": checkpoint if args.checkpoint else "demo (untrained) weights",
@@ -250,7 +252,12 @@ def main(argv=None) -> int:
     print(f"\nwrote {', '.join(files[k] for k in files if os.path.exists(files[k]))}")
     print(f"load average at end {info['load_average_at_end']}; total "
           f"{time.perf_counter() - t_start:.0f} s. Quote these numbers with {files['machine']}.")
-    return 0 if any(p.row for p in ens + desc) else 1
+    failed = [p for p in ens + desc if not p.row]
+    if failed or not (ens + desc):
+        print(f"error: {len(failed)} of {len(ens + desc)} points could not be measured "
+              "(reasons above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
