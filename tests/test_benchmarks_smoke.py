@@ -39,3 +39,22 @@ def test_bench_runs_every_row(tmp_path):
     server = {r["path"]: r.get("server", {}) for r in result["rows"]}
     assert server["triton-descriptor"]["sscd_descriptor"]["inferences"] == 4
     assert server["triton-ensemble-B"]["sscd_preprocess"]["inferences"] == 4
+
+
+def test_isolation_benchmark_accounts_for_every_image():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "isolation.py"), "--images", "800",
+         "--rates", "0.01", "--exec-ms", "0.2", "--row-ms", "0.01"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.startswith(("dynamic-batching ", "per-request "))]
+    assert [(r[0], r[1]) for r in rows] == [("dynamic-batching", "0.00%"), ("dynamic-batching", "1.00%"),
+                                            ("per-request", "0.00%"), ("per-request", "1.00%")]
+    assert all(r[-2:] == ["0", "0"] for r in rows)  # none wrongly failed, none missed
+
+
+def test_isolation_benchmark_refuses_bad_rates():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "isolation.py"),
+                           "--rates", "1.5"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--rates" in proc.stderr.splitlines()[-1]

@@ -17,6 +17,8 @@ from sscd_triton.client import io as outio
 from sscd_triton.client import pipeline, postprocess, sources, transport
 from sscd_triton.client.idset import IdSet
 from sscd_triton import images, samples
+from sscd_triton.bench import fake_dali
+from sscd_triton.bench.fake_dali import DALI_CORRUPT, QUEUE_FULL
 
 # --- sources ----------------------------------------------------------------------------
 
@@ -425,36 +427,18 @@ def test_missing_inputs_are_usage_errors(tmp_path):
 # - sscd_triton/triton_preprocess.py (the cpu target's python backend): INVALID_ARGUMENT
 #   "bad image: item N of the request: <reason>" (spec.BAD_IMAGE_PREFIX, spec.BAD_ROW),
 #   one request failing alone, through the ensemble prefix below.
-# - dali_backend src/dali_model_instance.cc ErrorHandler(): TritonError::Unknown("DALI
-#   error: " + what) for a DALIException, sent by ExecuteBatched to every request of the
-#   formed batch; gRPC status UNKNOWN (server src/grpc/grpc_utils.cc CodeToStatus).
-# - core src/ensemble_scheduler/ensemble_scheduler.cc: "in ensemble '<name>', " + message.
-# - core src/scheduler_utils.cc PolicyQueue::Enqueue: UNAVAILABLE
-#   "[request id: <id_unknown>] Exceeds maximum queue size" (request->LogRequest() prefix).
+# - dali_backend's UNKNOWN "DALI error: ...", the ensemble's prefix and the queue bound's
+#   UNAVAILABLE: sscd_triton/bench/fake_dali.py, which cites their sources.
 # - core src/dynamic_batch_scheduler.cc Enqueue after SIGTERM: UNAVAILABLE
 #   "[request id: <id_unknown>] Server is stopping, scheduler for model has stopped
 #   accepting new inference requests".
 
-# What follows "DALI error: " is DALI's exception text (illustrative); the prefix is the
-# backend's.
-DALI_CORRUPT = ("in ensemble 'sscd', DALI error: Critical error in pipeline:\nError in MIXED "
-                "operator `nvidia.dali.fn.decoders.image`,\nAssert on \"ret == "
-                "NVJPEG_STATUS_SUCCESS\" failed: corrupt JPEG data")
-QUEUE_FULL = "in ensemble 'sscd', [request id: <id_unknown>] Exceeds maximum queue size"
 STOPPING = ("[request id: <id_unknown>] Server is stopping, scheduler for model has stopped "
             "accepting new inference requests")
 
 
-def _err(message, status):
-    return InferenceServerException(message, status=f"StatusCode.{status}")
-
-
-class FakeResult:
-    def __init__(self, arr):
-        self.arr = arr
-
-    def as_numpy(self, name):
-        return self.arr
+_err = fake_dali.error
+FakeResult = fake_dali.Result
 
 
 class FakeClient:
@@ -613,66 +597,14 @@ def test_classify_real_server_messages():
         "Exceeds maximum queue size"
 
 
-class DynamicBatcher:
-    """A fake server batching like Triton's dynamic batcher in front of DALI: requests
-    arriving within `window` seconds form one batch of up to `max_rows` rows (whole
-    requests; ragged, as allow_ragged_batch), executed one batch at a time; if any row of
-    the formed batch is corrupt, every request of it gets DALI's UNKNOWN error. More than
-    `max_queue` requests waiting: UNAVAILABLE "Exceeds maximum queue size"."""
-
-    def __init__(self, corrupt, window=0.002, max_rows=64, max_queue=3, exec_s=0.001):
-        self.url = "dali:1"
-        self.corrupt, self.window, self.max_rows = corrupt, window, max_rows
-        self.max_queue, self.exec_s = max_queue, exec_s
-        self.queue: list = []
-        self.requests = self.formed = self.failed_batches = self.busy = 0
-        self._worker = None
-
-    async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
-        inp = inputs[0]
-        rows = np.frombuffer(inp._get_content(), np.uint8).reshape(inp.shape())
-        self.requests += 1
-        if len(self.queue) >= self.max_queue:
-            self.busy += 1
-            raise _err(QUEUE_FULL, "UNAVAILABLE")
-        fut = asyncio.get_running_loop().create_future()
-        self.queue.append((rows, fut))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.ensure_future(self._run())
-        return await fut
-
-    async def _run(self):
-        while self.queue:
-            await asyncio.sleep(self.window)
-            batch, n = [], 0
-            while self.queue and n + len(self.queue[0][0]) <= self.max_rows:
-                batch.append(self.queue.pop(0))
-                n += len(batch[-1][0])
-            await asyncio.sleep(self.exec_s)
-            self.formed += 1
-            ids = [int.from_bytes(r[:4].tobytes(), "little") for rows, _ in batch for r in rows]
-            bad = any(i in self.corrupt for i in ids)
-            self.failed_batches += bad
-            for rows, fut in batch:
-                if fut.done():
-                    continue
-                if bad:
-                    fut.set_exception(_err(DALI_CORRUPT, "UNKNOWN"))
-                else:
-                    emb = np.stack([np.full(4, int.from_bytes(r[:4].tobytes(), "little"),
-                                            np.float32) for r in rows])
-                    fut.set_result(FakeResult(emb))
-
-    async def close(self):
-        pass
-
-
-@pytest.mark.parametrize("retry_whole", [True, False])
-def test_dali_isolation_scales_with_concurrency(tmp_path, retry_whole):
+@pytest.mark.parametrize("per_request,retry_whole", [(False, True), (False, False), (True, False)],
+                         ids=["dynamic-batching", "dynamic-batching-bisect", "per-request"])
+def test_dali_isolation_scales_with_concurrency(tmp_path, per_request, retry_whole):
     """2000 images, 0.75% corrupt, concurrency 8, through the real pipeline against a fake
-    that forms batches across concurrent requests and fails them whole, as DALI does:
-    every good image embedded once with its own value, exactly the corrupt ones failed,
-    and a bounded number of requests."""
+    DALI server that either forms batches across concurrent requests and fails them whole
+    (dynamic batching) or runs each request as its own batch (this project's gpu
+    repository): every good image embedded once with its own value, exactly the corrupt
+    ones failed, and a bounded number of requests."""
     n, batch, concurrency = 2000, 16, 8
     rng = np.random.default_rng(0)
     corrupt = set(rng.choice(n, 15, replace=False).tolist())
@@ -681,10 +613,11 @@ def test_dali_isolation_scales_with_concurrency(tmp_path, retry_whole):
         paths.append(str(tmp_path / f"{k:05d}.jpg"))
         with open(paths[-1], "wb") as f:
             f.write(k.to_bytes(4, "little") + b"\xff\xd9")
-    server = DynamicBatcher(corrupt)
+    server = fake_dali.DaliServer(corrupt, per_request=per_request, instances=2)
     store, progress = _ListStore(), _NoProgress()
     sink = pipeline.Sink(store, progress)
     got = {}
+    in_flight = [0, 0]  # now, most
 
     def result(ids, emb):
         for i, e in zip(ids, emb):
@@ -694,13 +627,29 @@ def test_dali_isolation_scales_with_concurrency(tmp_path, retry_whole):
     async def go():
         eps = transport.Endpoints(["dali:1"], 5.0, (0.01, 0.05), client_factory=lambda u: server)
         sender = transport.Sender(eps, "sscd", "image", 4, result, sink.failure,
-                                  retry_whole=retry_whole, jitter=0.005)
+                                  retry_whole=retry_whole, jitter=0.005,
+                                  batch_mates=not per_request)
+        attempt = sender.attempt
+
+        async def counted(items):  # re-sends of a failed request's images in flight at once
+            watched = any(i.id in suspects for i in items)
+            in_flight[0] += watched
+            in_flight[1] = max(in_flight)
+            try:
+                out = await attempt(items)
+            finally:
+                in_flight[0] -= watched
+            if not isinstance(out, np.ndarray):
+                suspects.update(i.id for i in items)
+            return out
+        sender.attempt = counted
         opts = pipeline.Options(batch_size=batch, concurrency=concurrency, read_threads=2)
         t0 = asyncio.get_running_loop().time()
         await pipeline.run([pipeline.Unit([(p, None) for p in paths], IdSet())], sink, sender,
                            opts, progress)
         return sender, asyncio.get_running_loop().time() - t0
 
+    suspects: set = set()
     # every item is sent alone when it does not look complete; these rows do not, so
     # the test makes them look complete (it is the batching, not the sniffing, under test)
     with pytest.MonkeyPatch.context() as mp:
@@ -708,19 +657,59 @@ def test_dali_isolation_scales_with_concurrency(tmp_path, retry_whole):
         sender, seconds = asyncio.run(go())
     failed = sorted(f[0] for f in store.failures)
     minimum = -(-n // batch)  # 125 requests when nothing fails
-    print(f"\nretry_whole={retry_whole}: {server.requests} requests ({server.busy} queue-full), "
-          f"minimum {minimum}, {server.formed} formed batches ({server.failed_batches} failed), "
-          f"{sender.splits} splits, {sender.rechecked} re-checks, {seconds:.1f}s, "
-          f"{len(failed)} failed")
+    print(f"\nper_request={per_request} retry_whole={retry_whole}: {server.requests} requests "
+          f"({server.busy} queue-full), minimum {minimum}, {server.formed} formed batches "
+          f"({server.failed_batches} failed), {sender.splits} splits, {sender.rechecked} "
+          f"re-checks, {in_flight[1]} re-sends at once, {seconds:.1f}s, {len(failed)} failed")
     assert failed == sorted(paths[k] for k in corrupt)
     assert all("DALI error" in f[1] for f in store.failures)
     assert sorted(got) == sorted(p for k, p in enumerate(paths) if k not in corrupt)
     assert all(v == [float(int(os.path.basename(p)[:5]))] for p, v in got.items())  # own, once
     inferred = server.requests - server.busy
-    # measured: ~2.7x the minimum retrying whole first, ~3.2x bisecting at once
-    assert inferred <= (3.5 if retry_whole else 4) * minimum, (inferred, minimum)
-    assert server.busy > 0 and sender.busy_answers == server.busy  # the queue bound, met
+    if per_request:
+        # each corrupt file: 4 parts of 4, then 4 lone images, then 1 re-check: 9 requests
+        assert inferred <= minimum + 9 * len(corrupt), (inferred, minimum)
+        assert in_flight[1] > 1  # isolation runs concurrently: no lane
+    else:
+        # measured: ~2.7x the minimum retrying whole first, ~3.2x bisecting at once
+        assert inferred <= (3.5 if retry_whole else 4) * minimum, (inferred, minimum)
+        assert in_flight[1] == 1  # the suspect lane
+        assert server.busy > 0 and sender.busy_answers == server.busy  # the queue bound, met
     assert seconds < 20
+
+
+class _ConfigClient:
+    """get_model_config / get_model_metadata as tritonclient.grpc.aio returns them with
+    as_json=True (protobuf's JSON: a message field that is not set is absent)."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+
+    async def get_model_config(self, model, headers=None, as_json=False, client_timeout=None):
+        if model == "sscd_preprocess":
+            if self.preprocess is None:  # --grpc-restricted-protocol=model-config:... without the key
+                raise _err("This protocol is restricted, expecting header 'sscd-admin-key'",
+                           "UNAVAILABLE")
+            return {"config": self.preprocess}
+        return {"config": {"max_batch_size": 64, "input": [{"name": "image", "dims": ["-1"]}],
+                           "output": [{"name": "embeddings", "dims": ["512"]}]}}
+
+    async def get_model_metadata(self, model, headers=None, as_json=False, client_timeout=None):
+        return {"versions": ["1"]}
+
+
+@pytest.mark.parametrize("preprocess,batch_mates", [
+    ({"backend": "dali", "dynamic_batching": {"max_queue_delay_microseconds": "2000"}}, True),
+    ({"backend": "dali"}, False),  # this project's gpu repository
+    ({"backend": "python", "dynamic_batching": {}}, False),  # the cpu target: per-request errors
+    (None, True),  # unreadable: assume the worst
+])
+def test_describe_says_whether_dali_mixes_requests(preprocess, batch_mates):
+    from sscd_triton.cli import embed
+
+    info = asyncio.run(embed._model_facts(_ConfigClient(preprocess), "sscd", None))
+    assert info["batch_mates"] is batch_mates
+    assert info["resampled"] is (preprocess is not None and preprocess["backend"] == "dali")
 
 
 def test_learns_max_batch_size_from_the_server():

@@ -298,12 +298,16 @@ async def _model_facts(client, model: str, headers: dict | None) -> dict:
     info["preprocess"] = _parameter(cfg, spec.PARAM_PREPROCESS)
     # DALI (the gpu target) decodes and resizes otherwise than PIL: --check-parity then
     # applies the resampled-pipeline bounds (sscd_triton/spec.py).
-    info["resampled"] = False
+    # A DALI model behind a dynamic batcher fails other requests' images with a corrupt
+    # one: the client then isolates through its one-at-a-time lane (client/transport.py).
+    # Assumed when the config cannot be read; this project's gpu repository has none.
+    info["resampled"], info["batch_mates"] = False, True
     try:
-        pre = await client.get_model_config(spec.PREPROCESS_MODEL, headers=headers,
-                                            as_json=True, client_timeout=10)
-        info["preprocess"] = info["preprocess"] or _parameter(pre["config"], spec.PARAM_PREPROCESS)
-        info["resampled"] = pre["config"].get("backend") == "dali"
+        pre = (await client.get_model_config(spec.PREPROCESS_MODEL, headers=headers,
+                                             as_json=True, client_timeout=10))["config"]
+        info["preprocess"] = info["preprocess"] or _parameter(pre, spec.PARAM_PREPROCESS)
+        info["resampled"] = pre.get("backend") == "dali"
+        info["batch_mates"] = info["resampled"] and "dynamic_batching" in pre
     except Exception:  # noqa: BLE001  (not this repository's layout, or API restricted)
         pass
     return info
@@ -431,7 +435,7 @@ async def run(args) -> int:
             sink = pipeline.Sink(store, progress)
             sender = transport.Sender(endpoints, args.model, info["input"], info["dims"],
                                       sink.result, sink.failure, args.timeout, slots,
-                                      headers=headers)
+                                      headers=headers, batch_mates=info["batch_mates"])
             units = pipeline.plan(store, args.inputs, args.partition_size, exclude=[store.folder])
             task = asyncio.create_task(pipeline.run(units, sink, sender, opts, progress))
             loop = asyncio.get_running_loop()

@@ -183,7 +183,7 @@ class EmbedPartition:
             on_result = _dying(store, sink)
         sender = transport.Sender(self.endpoints, c["model"], c["input"], c["dims"],
                                   on_result, sink.failure, c["timeout"],
-                                  headers=c["headers"])
+                                  headers=c["headers"], batch_mates=c["batch_mates"])
         problems = getattr(part, "problems", {})
         unit = pipeline.Unit([(line, problems.get(line)) for line in part.lines],
                              lambda: store.partition_seen(part.key, part.fingerprint,
@@ -382,6 +382,7 @@ def _run(args, embed) -> int:
                 config = {
                     "urls": list(args.url), "give_up_after": args.give_up_after,
                     "model": args.model, "input": info["input"], "dims": info["dims"],
+                    "batch_mates": info["batch_mates"],
                     "timeout": args.timeout, "headers": _headers(args), "meta": meta,
                     "folder": os.path.abspath(args.output), "shard_size": args.shard_size,
                     "flush_seconds": args.flush_seconds, "batch_size": batch,

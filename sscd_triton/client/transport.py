@@ -16,15 +16,22 @@ This module holds the sender policy.
   which lowers the pressure), the endpoint stays in rotation, and it counts as an answer.
   Bounded by `busy_for` seconds: then the run stops with GiveUp (exit 3, resumable):
   an overloaded server says nothing about the images, so no failure is recorded.
-- BATCH (DALI: one corrupt image fails the whole *formed* batch, which may hold other
-  requests' images): the request is re-sent after a short jitter (so that the requests
-  of that formed batch do not meet again); once, whole, if `retry_whole` (its own images
-  are most often fine: the bad one was a batch-mate's), then bisected: each half is sent
-  on, and so on, until the bad image stands alone. A lone image failing is re-checked
-  `rechecks` more times with jitter, concurrently with the rest of the run; it fails only
-  when every try failed. Each bad image thus costs a few requests of its own (log2 of
-  the batch size, plus the re-checks), and each of its failures a re-send of the
-  requests it was batched with; no sleep beyond the jitter, no pass at the end.
+- BATCH (DALI: one corrupt image fails the whole batch DALI ran): the request is split
+  into `parts` parts, each sent on, and so on, until the bad image stands alone; a lone
+  image failing is re-checked `rechecks` more times after a short jitter (a transient
+  error is not a verdict; 2 with batch-mates, else 1) and fails only when every try
+  failed. It runs beside the rest of the run: each bad image costs a few requests of its
+  own (about `parts` x log_parts(batch size), plus the re-checks), no pass at the end.
+  `batch_mates=True` (the default, safe for any server): the DALI model may batch
+  requests together (dynamic batching), so the error may have been another request's
+  image. The request is first re-sent whole once if `retry_whole`, after a jitter (so
+  that the requests of the failed batch do not meet again), and re-sends go one at a
+  time (the "suspect lane": two suspects in one formed batch would fail each other).
+  That lane serialises isolation, one server round trip per suspect send: a ceiling on
+  the corrupt files a second a run absorbs (benchmarks/isolation.py measures it).
+  `batch_mates=False`: the server runs each request as its own DALI batch (this
+  project's gpu repository: `sscd_preprocess` has no dynamic batcher), so an error is
+  the request's own: no whole re-send, no lane, no jitter before the parts.
 - REJECT (INVALID_ARGUMENT "bad image: ...", a per-request verdict): split at the row
   the server names ("item N of the request") when it does, else in halves; alone, the
   verdict is final.
@@ -81,10 +88,12 @@ class Sender:
     def __init__(self, endpoints: Endpoints, model: str, input_name: str, dims: int,
                  on_result: Callable[[list[str], np.ndarray], None],
                  on_failure: Callable[[str, str], None], timeout: float = 300.0,
-                 slots: ShmSlots | None = None, reject_retries: int = 0, rechecks: int = 2,
+                 slots: ShmSlots | None = None, reject_retries: int = 0,
+                 rechecks: int | None = None,
                  headers: dict | None = None, retry_whole: bool = True,
                  jitter: float = 0.05, busy: tuple[float, float] = (0.05, 2.0),
-                 busy_for: float | None = None, lost_tries: int = 5, parts: int = 4):
+                 busy_for: float | None = None, lost_tries: int = 5, parts: int = 4,
+                 batch_mates: bool = True):
         self.endpoints = endpoints
         self.model = model
         self.input_name = input_name
@@ -94,17 +103,21 @@ class Sender:
         self.timeout = timeout
         self.slots = slots
         self.reject_retries = reject_retries
-        self.rechecks = rechecks
+        # A lone image that fails beside batch-mates may have been failed by a batch-mate's
+        # corrupt image twice running; alone in its own request only a transient error
+        # could spare it, and one more try covers that.
+        self.rechecks = (2 if batch_mates else 1) if rechecks is None else rechecks
         self.headers = headers
-        self.retry_whole = retry_whole
+        self.retry_whole = retry_whole and batch_mates
         self.jitter = jitter
         self.busy = busy
         self.busy_for = timeout if busy_for is None else busy_for
         self.lost_tries = lost_tries
         self.parts = parts
-        # Re-sends after a batch error go one at a time (beside the fresh requests): two
-        # suspects in one formed batch would fail each other.
-        self._suspects = asyncio.Semaphore(1)
+        # Re-sends after a batch error go one at a time (beside the fresh requests) where
+        # the server may batch them together: two suspects in one formed batch would fail
+        # each other. The jitter before each is taken outside the lane.
+        self._suspects = asyncio.Semaphore(1) if batch_mates else None
         self.max_rows = 0  # learnt from the server when its config could not be read
         self.requests = 0
         self.splits = 0
@@ -216,8 +229,10 @@ class Sender:
         await asyncio.sleep(self.jitter * 2 ** n * random.uniform(0.2, 1.8))
 
     async def _attempt_suspect(self, items: list[Item], n: int) -> np.ndarray | Rejection:
+        await self._pause(n)
+        if self._suspects is None:
+            return await self.attempt(items)
         async with self._suspects:
-            await self._pause(n)
             return await self.attempt(items)
 
     async def send(self, items: list[Item], named: bool = False, whole: bool = False,
@@ -229,6 +244,8 @@ class Sender:
             for k in range(0, len(items), self.max_rows):
                 await self.send(items[k:k + self.max_rows])
             return
+        # Without batch-mates a part of a failed request is like any request: no jitter.
+        suspect = suspect and self._suspects is not None
         outcome = await (self._attempt_suspect(items, 0) if suspect else self.attempt(items))
         if isinstance(outcome, np.ndarray):
             self.on_result([i.id for i in items], outcome)

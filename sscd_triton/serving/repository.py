@@ -153,7 +153,13 @@ def preprocess_config(serving: ServingConfig) -> mc.ModelConfig:
     _param(cfg, "max_pixels", serving.max_pixels)
     if serving.target == "gpu":
         cfg.backend = "dali"
-        _instances(cfg, serving, 1)
+        # No dynamic batcher: DALI fails the whole batch it runs when one image is corrupt
+        # (dali_backend ExecuteBatched), so batching requests together would fail good
+        # requests for another's bad file, and the client would need one-at-a-time
+        # re-sends to find it (sscd_triton/client/transport.py). Each request is one DALI
+        # batch (the client sends --batch-size images per request); two instances overlap
+        # one request's decode with the next. The descriptor behind it still batches.
+        _instances(cfg, serving, 2)
     else:
         cfg.backend = "python"
         # One process: PIL decodes + resizes a photograph in ~10 ms, the ResNet50 on ONNX
@@ -162,7 +168,7 @@ def preprocess_config(serving: ServingConfig) -> mc.ModelConfig:
         # ran beside ONNX Runtime's threads on the same cores, slowing it by ~25%
         # (benchmarks/sweep.py, composing-model statistics; see benchmarks/README.md).
         _instances(cfg, serving, 1)
-    _batching(cfg, serving)
+        _batching(cfg, serving)
     w = cfg.model_warmup.add(name="one_jpeg", batch_size=1)
     w.inputs[spec.ENSEMBLE_INPUT].data_type = mc.TYPE_UINT8
     w.inputs[spec.ENSEMBLE_INPUT].dims.append(len(warmup_image()))
