@@ -7,8 +7,8 @@
 # ready (a TensorRT build at start can take minutes), then:
 #   1. embeds PHOTOS_DIR with client/embed.py --check-parity against CHECKPOINT: exit 0;
 #   2. embeds a folder of a few good photographs plus one truncated JPEG: exit 1, and the
-#      truncated file is the one and only entry of failures.jsonl (DALI fails a whole
-#      batch on one bad image; the client must isolate it);
+#      truncated file is the one and only failure recorded (DALI fails the whole request
+#      holding a bad image; the client must isolate it);
 #   3. reads nv_inference_count / nv_inference_exec_count of sscd_descriptor from the
 #      metrics port around step 1: the mean batch size the dynamic batcher formed.
 # Prints one table and exits 0 only if every step passed. The container is stopped (and its
@@ -50,18 +50,18 @@ mean_batch() {
     if (c == "" || e == "" || e + 0 <= 0) print "n/a"; else printf "%.2f\n", c / e }'
 }
 
-# only_failure FAILURES_JSONL NAME: succeeds when the file holds exactly one record and its
-# id names the file NAME (ids are the paths as the client enumerated them); prints what
-# it found otherwise.
+# only_failure OUTPUT NAME: succeeds when the embed output OUTPUT recorded exactly one failure and its
+# id names the file NAME (ids are the paths as the client enumerated them); prints its reason,
+# or what it found otherwise.
 only_failure() {
   "$PYTHON" - "$1" "$2" <<'PY'
-import json, os, sys
-path, name = sys.argv[1], sys.argv[2]
+import os, sys
+from sscd_triton import load_failures  # Parquet shards, or a version-1 failures.jsonl
+output, name = sys.argv[1], sys.argv[2]
 try:
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-except OSError as e:
-    sys.exit(f"no failures file: {e}")
+    records = load_failures(output)
+except (OSError, ValueError) as e:
+    sys.exit(f"cannot read the failures of {output}: {e}")
 ids = [os.path.basename(r["id"]) for r in records]
 if ids != [name]:
     sys.exit(f"failures {ids}, expected exactly [{name!r}]: "
@@ -260,8 +260,8 @@ rc=0
   --header "$HEADER" --quiet >"$WORK/embed_corrupt.log" 2>&1 || rc=$?
 if ((rc != 1)); then
   row "corrupt JPEG" FAIL "exit $rc, expected 1; see $WORK/embed_corrupt.log"
-elif reason=$(only_failure "$WORK/corrupt_out/failures.jsonl" "$bad" 2>&1); then
-  embedded=$("$PYTHON" -c 'import sys; from client.io import load_embeddings; print(len(load_embeddings(sys.argv[1])[0]))' "$WORK/corrupt_out" 2>&1 || true)
+elif reason=$(only_failure "$WORK/corrupt_out" "$bad" 2>&1); then
+  embedded=$("$PYTHON" -c 'import sys; from sscd_triton import load_embeddings; print(len(load_embeddings(sys.argv[1])[0]))' "$WORK/corrupt_out" 2>&1 || true)
   if [[ $embedded == "$good" ]]; then
     row "corrupt JPEG" PASS "exit 1, only $bad failed ($reason), $embedded/$good good embedded"
   else

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -173,15 +174,27 @@ def test_gpu_smoke_sh_metrics_and_mean_batch(tmp_path):
 
 
 @pytest.mark.parametrize("records,ok", [
-    ([{"id": "/w/corrupt/bad.jpg", "reason": "bad image: truncated"}], True),
-    ([{"id": "/w/corrupt/good.jpg", "reason": "bad image: x"}], False),
-    ([{"id": "/w/corrupt/bad.jpg", "reason": "r"}, {"id": "/w/corrupt/a.jpg", "reason": "r"}], False),
+    ([("/w/corrupt/bad.jpg", "bad image: truncated")], True),
+    ([("/w/corrupt/good.jpg", "bad image: x")], False),
+    ([("/w/corrupt/bad.jpg", "r"), ("/w/corrupt/a.jpg", "r")], False),
     ([], False),
 ])
 def test_gpu_smoke_sh_only_failure(tmp_path, records, ok):
-    f = tmp_path / "failures.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in records))
-    proc = _bash(f'only_failure "{f}" bad.jpg')
+    """On an output written by the client's own store (Parquet failure shards)."""
+    import numpy as np
+
+    from sscd_triton.client import io as outio
+
+    out = str(tmp_path / "out")
+    meta = {"model": "sscd", "model_version": "1", "sscd_model": "sscd_disc_mixup",
+            "weights_sha256": "ab" * 32, "dims": 4, "preprocess": "square320",
+            "preprocess_on": "server", "urls": ["127.0.0.1:8001"]}
+    store = outio.ShardStore(out, meta, shard_size=2).open()
+    store.add(["/w/corrupt/ok.jpg"], np.ones((1, 4), np.float32) / 2)
+    for id_, why in records:
+        store.fail(id_, why)
+    store.close(complete=True)
+    proc = _bash(f'only_failure "{out}" bad.jpg')
     assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
     if ok:
         assert proc.stdout.strip() == "bad image: truncated"
@@ -274,3 +287,16 @@ def test_gpu_smoke_sh_fails_and_still_stops_the_container(tmp_path):
                for ln in proc.stdout.splitlines()), proc.stdout
     assert "stop -t 30 cid123" in (state / "docker.log").read_text()
     assert "1 step(s) FAILED" in proc.stdout
+
+
+def test_gpu_smoke_sh_python_snippets_import():
+    """The script's inline `python -c` snippets import what the package really exports
+    (the fake host above stands in for them, so a renamed module would pass unseen)."""
+    text = open(SMOKE_SH).read()
+    imports = {m for code in re.findall(r"-c '([^']*)'", text)
+               for m in re.findall(r"(?:from \S+ )?import [\w, ]+", code)}
+    assert any("load_embeddings" in i for i in imports), imports
+    for statement in imports:
+        proc = subprocess.run([sys.executable, "-c", statement], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, f"{statement}: {proc.stderr.strip()[-300:]}"
