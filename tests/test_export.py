@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -134,3 +135,14 @@ def test_no_partial_model_is_left_when_export_fails(ckpts, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="simulated"):
         export_onnx.main(["--checkpoint", ckpts[0]["torchvision"], "--output", str(out)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_next_line_names_the_command_as_it_was_run(exported, monkeypatch):
+    from sscd_triton.cli._main import command
+
+    status, log, path = exported(CASES[0][0], CASES[0][1])
+    assert f"Next: python export/build_repository.py --onnx {path} --checkpoint " in log
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/sscd-export-onnx"])
+    assert command("export/build_repository.py") == "sscd-build-repository"
+    monkeypatch.setattr(sys, "argv", ["export/export_onnx.py"])
+    assert command("export/build_repository.py") == "python export/build_repository.py"

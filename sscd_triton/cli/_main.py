@@ -23,3 +23,12 @@ def run_main(problems: list[str], run: Callable[[], int],
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def command(script: str) -> str:
+    """How to run the project's command `script` (e.g. "export/build_repository.py") the way
+    this process was run: its `sscd-*` entry point when installed as one, else the script
+    from the repository root."""
+    if sys.argv and sys.argv[0].rsplit("/", 1)[-1].startswith("sscd-"):
+        return "sscd-" + script.rsplit("/", 1)[-1][:-len(".py")].replace("_", "-")
+    return f"python {script}"

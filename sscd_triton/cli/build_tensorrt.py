@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 
 import onnx
 
+from sscd_triton.cli._main import command
 from sscd_triton.export import checkpoints, onnx_graph, trt_build, trt_profile, validate
 from sscd_triton.export.trt_errors import InputError, Unavailable
 from sscd_triton.report import Check, Report
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
     json_path = args.output + ".parity.json"  # sscd.plan.parity.json: beside, not over, sscd.parity.json
     report.write_json(json_path)
     report.log(f"report written to {json_path}")
-    print(f"\nNext: python export/build_repository.py --target gpu --plan {args.output} ...")
+    print(f"\nNext: {command('export/build_repository.py')} --target gpu "
+          f"--plan {shlex.quote(args.output)} ...")
     return 0 if report.passed else 1
 
 

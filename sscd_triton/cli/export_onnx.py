@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from sscd_triton.cli._help import DefaultsHelpFormatter
+from sscd_triton.cli._main import command
 from sscd_triton.export import checkpoints, demo, onnx_export
 from sscd_triton.files import OutputError, check_writable
 from sscd_triton.report import Report
@@ -68,8 +70,8 @@ def main(argv=None) -> int:
     json_path = os.path.splitext(args.output)[0] + ".parity.json"
     report.write_json(json_path)
     report.log(f"report written to {json_path}")
-    print(f"\nNext: python export/build_repository.py --onnx {args.output} --checkpoint {source} "
-          f"--target cpu --output runs/model_repository")
+    print(f"\nNext: {command('export/build_repository.py')} --onnx {shlex.quote(args.output)} "
+          f"--checkpoint {shlex.quote(source)} --target cpu --output runs/model_repository")
     return 0 if report.passed else 1
 
 
