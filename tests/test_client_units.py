@@ -340,7 +340,7 @@ def _run_partitioned(d, args, embed_ids=None, crash_after=None, shard_size=2, si
     store = outio.ShardStore(d, META, shard_size=shard_size, partitioned=True,
                              partition_size=size).open()
     done = 0
-    for unit in pipeline.plan(store, args, size):
+    for unit in pipeline.plan(store, args):
         if unit.skip:
             continue
         seen = unit.seen()

@@ -436,7 +436,7 @@ async def run(args) -> int:
             sender = transport.Sender(endpoints, args.model, info["input"], info["dims"],
                                       sink.result, sink.failure, args.timeout, slots,
                                       headers=headers, batch_mates=info["batch_mates"])
-            units = pipeline.plan(store, args.inputs, args.partition_size, exclude=[store.folder])
+            units = pipeline.plan(store, args.inputs, exclude=[store.folder])
             task = asyncio.create_task(pipeline.run(units, sink, sender, opts, progress))
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

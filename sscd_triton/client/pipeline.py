@@ -82,7 +82,7 @@ class Unit:
     skip: int = 0
 
 
-def plan(store, args: list[str], partition_size: int, exclude: Iterable[str] = (),
+def plan(store, args: list[str], exclude: Iterable[str] = (),
          stdin=None) -> Iterator[Unit]:
     """The units of a run writing into `store` (io.ShardStore, already open)."""
     if not getattr(store, "partitioned", False):
