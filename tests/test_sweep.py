@@ -100,3 +100,30 @@ def test_a_point_that_never_measures_is_tried_three_times_and_says_why(tmp_path)
     assert "--measurement-interval 3000" in tries[2]
     assert point.error.count("Failed to obtain stable measurement") == 3
     assert "[100%, 3000 ms]" in point.error
+
+
+def test_sweep_measures_a_server_restricted_as_in_production(perf_analyzer, triton, tmp_path):
+    """docker/entrypoint.sh restricts model-config and statistics: perf_analyzer cannot
+    read the model's config without the admin key, so every point fails; with
+    --admin-key (or $SSCD_ADMIN_KEY) it measures."""
+    from sscd_triton.bench.reliability import production_flags
+    from sscd_triton.serving.server import TritonServer
+
+    flags, _ = production_flags("k3y")
+    server = TritonServer(triton.repo, extra_args=flags, log_path=tmp_path / "server.log").start()
+    try:
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--quick",
+               "--no-inprocess", "--concurrency", "1", "--rates", "1", "--descriptor-concurrency", "1",
+               "--url", server.grpc_url, "--perf-analyzer", perf_analyzer]
+        env = {k: v for k, v in os.environ.items() if k != "SSCD_ADMIN_KEY"}
+        without = subprocess.run(cmd + ["--out", str(tmp_path / "without")], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=540)
+        assert without.returncode == 1, without.stdout[-3000:] + without.stderr[-3000:]
+        assert "restricted" in without.stdout and "could not be measured" in without.stderr
+        with_key = subprocess.run(cmd + ["--out", str(tmp_path / "with")], cwd=ROOT,
+                                  env={**env, "SSCD_ADMIN_KEY": "k3y"},
+                                  capture_output=True, text=True, timeout=540)
+        assert with_key.returncode == 0, with_key.stdout[-3000:] + with_key.stderr[-3000:]
+        assert _rows(tmp_path / "with" / "perf-descriptor-cpu.csv")
+    finally:
+        server.stop()

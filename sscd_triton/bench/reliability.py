@@ -35,8 +35,6 @@ from sscd_triton import images, samples, spec
 from sscd_triton.serving.server import HOST, TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
-ADMIN_HEADER = "sscd-admin-key"
-GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 # What docker/entrypoint.sh restricts (read from it when present, so the two cannot drift).
 DEFAULT_RESTRICTED = "shared-memory,model-repository,model-config,statistics,trace,logging"
 DEFAULT_EXIT_TIMEOUT = 30
@@ -74,13 +72,13 @@ def production_flags(key: str) -> tuple[list[str], int]:
     restricted, timeout = DEFAULT_RESTRICTED, DEFAULT_EXIT_TIMEOUT
     try:
         text = (ROOT / "docker" / "entrypoint.sh").read_text()
-        m = re.search(r'admin="([a-z,-]+):' + ADMIN_HEADER, text)
+        m = re.search(r'admin="([a-z,-]+):' + spec.ADMIN_HEADER, text)
         restricted = m.group(1) if m else restricted
         m = re.search(r"--exit-timeout-secs=(\d+)", text)
         timeout = int(m.group(1)) if m else timeout
     except OSError:
         pass
-    admin = f"{restricted}:{ADMIN_HEADER}={key}"
+    admin = f"{restricted}:{spec.ADMIN_HEADER}={key}"
     return [f"--exit-timeout-secs={timeout}", f"--grpc-restricted-protocol={admin}",
             f"--http-restricted-api={admin}"], timeout
 
@@ -263,7 +261,7 @@ def security(ctx: Context, server: TritonServer) -> tuple[dict, list]:
         checks.append(check("security: not reachable on " + outside,
                              not any(reachable_outside.values()), str(reachable_outside)))
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    key = {GRPC_ADMIN_HEADER: ctx.key}
+    key = {spec.GRPC_ADMIN_HEADER: ctx.key}
     calls = {
         "model-config": lambda h: client.get_model_config(spec.ENSEMBLE_NAME, headers=h),
         "statistics": lambda h: client.get_inference_statistics(spec.ENSEMBLE_NAME, headers=h),
@@ -291,7 +289,7 @@ def security(ctx: Context, server: TritonServer) -> tuple[dict, list]:
     allowed = all(r["with key"] != "restricted" for r in results.values())
     http = httpclient.InferenceServerClient(server.http_url)
     http_rows = {}
-    for label, headers in (("without key", None), ("with key", {ADMIN_HEADER: ctx.key})):
+    for label, headers in (("without key", None), ("with key", {spec.ADMIN_HEADER: ctx.key})):
         try:
             http.get_model_config(spec.ENSEMBLE_NAME, headers=headers)
             http_rows[label] = "allowed"

@@ -11,11 +11,6 @@ import numpy as np
 from sscd_triton import images, samples, spec
 from sscd_triton.bench.common import PRE, Row, request_items
 
-# docker/entrypoint.sh restricts the statistics and model-config protocols behind the header
-# `sscd-admin-key`; over gRPC Triton expects it with this prefix (its error message says so).
-ADMIN_HEADER = "sscd-admin-key"
-GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
-
 STAT_FIELDS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
 
@@ -189,7 +184,7 @@ def served_rows(client, tensors: np.ndarray, jpegs: list[bytes], args,
                 ort_outputs: np.ndarray | None) -> list[Row]:
     """triton-descriptor (tensors in), triton-ensemble-1 and -B (encoded bytes in). A row the
     server cannot take is skipped with the reason, not fatal."""
-    headers = {GRPC_ADMIN_HEADER: args.admin_key} if args.admin_key else None
+    headers = {spec.GRPC_ADMIN_HEADER: args.admin_key} if args.admin_key else None
     plan = [("triton-descriptor", spec.DESCRIPTOR_MODEL, args.batch, "TYPE_FP32",
              descriptor_inputs(tensors), [spec.DESCRIPTOR_MODEL]),
             *[(row_id, spec.ENSEMBLE_NAME, batch, "TYPE_UINT8", ensemble_inputs(jpegs),

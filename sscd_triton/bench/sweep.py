@@ -125,6 +125,13 @@ def parse_composing(stdout: str) -> dict[str, dict]:
 ATTEMPTS = ((25, 1), (100, 1), (100, 2))
 
 
+def admin_args(key: str | None) -> list[str]:
+    """perf_analyzer's header for a server whose model-config and statistics protocols are
+    restricted (docker/entrypoint.sh): without it perf_analyzer cannot read the model's
+    config and measures nothing."""
+    return ["-H", f"{spec.GRPC_ADMIN_HEADER}:{key}"] if key else []
+
+
 def run_point(pa: str, url: str, model: str, point: Point, data: list[str], window_ms: int,
               work: str, timeout_s: float, max_trials: int) -> Point:
     """One perf_analyzer measurement, stabilised on average latency and throughput (max / min
@@ -307,13 +314,13 @@ def write_machine(info: dict, path: str, extra: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def server_statistics_note(client) -> dict:
+def server_statistics_note(client, headers: dict | None = None) -> dict:
     """Lifetime per-model totals from Triton's statistics (mean batch, queue, compute)."""
     from sscd_triton.bench.served import read_stats
 
     out = {}
     for name in (spec.ENSEMBLE_NAME, *COMPOSING):
-        s = read_stats(client, name)
+        s = read_stats(client, name, headers)
         if not s or not s["execution_count"]:
             continue
         n = max(s["success"][0], 1)

@@ -30,9 +30,9 @@ import sys
 import tempfile
 import time
 
+from sscd_triton import spec
 from sscd_triton.bench import device, local, reporting, served
 from sscd_triton.bench.common import ROW_IDS, Row, load_inputs
-from sscd_triton.bench.served import GRPC_ADMIN_HEADER
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="PyTorch / ONNX Runtime rows (auto: cuda when torch sees a GPU)")
     p.add_argument("--admin-key", default=os.environ.get("SSCD_ADMIN_KEY"),
                    help=f"the server's admin key (docker/entrypoint.sh), sent as gRPC header "
-                        f"{GRPC_ADMIN_HEADER} for the restricted statistics and model-config "
+                        f"{spec.GRPC_ADMIN_HEADER} for the restricted statistics and model-config "
                         "protocols (default: $SSCD_ADMIN_KEY)")
     p.add_argument("--json", metavar="OUT", help="write every result to this JSON file")
     p.add_argument("--keep-log", action="store_true", help="keep the local server's log")

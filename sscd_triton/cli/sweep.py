@@ -43,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--url", help="an already-running server's gRPC HOST:PORT (nothing is built "
                                  "or started; in-process rows need --checkpoint or run on demo weights)")
     p.add_argument("--checkpoint", help="SSCD checkpoint (default: the untrained demo weights)")
+    p.add_argument("--admin-key", default=os.environ.get("SSCD_ADMIN_KEY"),
+                   help=f"the server's admin key (docker/entrypoint.sh), sent as the header "
+                        f"{spec.GRPC_ADMIN_HEADER}: perf_analyzer reads the model config, which "
+                        "the production server restricts (default: $SSCD_ADMIN_KEY)")
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8],
                    help="ensemble concurrency sweep (default 1,2,4,8)")
     p.add_argument("--rates", default="auto",
@@ -173,8 +177,10 @@ def main(argv=None) -> int:
         tag = args.tag or ("gpu" if info["gpus"] else "cpu")
         device.print_device(info)
 
-        ens_data = ["--input-data", sweep.write_ensemble_data(jpegs, os.path.join(work, "ens.json"))]
-        desc_data = ["--input-data", sweep.write_descriptor_data(tensors[0], os.path.join(work, "desc")),
+        admin = sweep.admin_args(args.admin_key)
+        ens_data = [*admin, "--input-data",
+                    sweep.write_ensemble_data(jpegs, os.path.join(work, "ens.json"))]
+        desc_data = [*admin, "--input-data", sweep.write_descriptor_data(tensors[0], os.path.join(work, "desc")),
                      "--shape", f"{spec.INPUT_NAME}:{','.join(map(str, tensors.shape[1:]))}"]
         timeout = max(60.0, args.window_ms / 1e3 * (args.max_trials + 2) * 2)
 
@@ -199,7 +205,8 @@ def main(argv=None) -> int:
                 for r in rates if r > 0]
         desc = [measure("descriptor", spec.DESCRIPTOR_MODEL, "concurrency", c, args.batch, desc_data)
                 for c in args.descriptor_concurrency]
-        lifetime = sweep.server_statistics_note(client)
+        lifetime = sweep.server_statistics_note(
+            client, {spec.GRPC_ADMIN_HEADER: args.admin_key} if args.admin_key else None)
         client.close()
     finally:
         if server is not None:
