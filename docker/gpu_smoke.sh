@@ -14,9 +14,11 @@
 # Prints one table and exits 0 only if every step passed. The container is stopped (and its
 # log kept in the work folder) whatever happens.
 #
-# Needs: docker, curl, and a Python with this project's client requirements (the .venv of
-# scripts/setup.sh, used when present). The checkpoint must lie inside the repository (the
-# build context); one outside it is copied to weights/ (git-ignored as *.pt).
+# Needs: docker, curl, and a Python with this project's client and export requirements
+# (`pip install .[client,export]`: --check-parity runs PyTorch; the .venv of scripts/setup.sh,
+# used when present). The checkpoint must lie inside the repository (the build context);
+# one outside it, or in a folder .dockerignore leaves out, is copied to weights/
+# (git-ignored as *.pt).
 # Environment (all optional):
 #   PYTHON            interpreter for client/embed.py, run from the repository root
 #                     (default .venv/bin/python there, else python3)
@@ -123,6 +125,8 @@ cd "$ROOT" # the build context, and client/ for embed.py
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+# client/embed.py imports the sscd_triton package: found here even when not installed
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 IMAGE=${IMAGE:-sscd-triton:gpu-smoke}
 KEY=${SSCD_ADMIN_KEY:-smoke-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-1800}
@@ -176,6 +180,9 @@ mapfile -t jpegs < <(printf '%s\n' "${photos[@]}" | grep -iE '\.jpe?g$' || true)
 ((${#photos[@]} >= 3)) || fail preflight "$PHOTOS holds ${#photos[@]} photographs; need >= 3"
 ((${#jpegs[@]} >= 1)) || fail preflight "$PHOTOS holds no JPEG to truncate"
 rel=$(rel_to "$ROOT" "$CHECKPOINT")
+if [[ -n $rel ]] && grep -qxF -e "${rel%%/*}" -e "${rel%%/*}/" .dockerignore; then
+  rel="" # in a folder the build context leaves out (runs/: the demo checkpoint)
+fi
 if [[ -z $rel ]]; then # outside the build context: copy it in
   mkdir -p weights
   rel=weights/$(basename "$CHECKPOINT")

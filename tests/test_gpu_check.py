@@ -200,12 +200,13 @@ def test_gpu_smoke_sh_only_failure(tmp_path, records, ok):
         assert proc.stdout.strip() == "bad image: truncated"
 
 
-def _fake_host(tmp_path, embed_rc: int = 0):
+def _fake_host(tmp_path, embed_rc: int = 0, ckpt_in_runs: bool = False):
     """A copy of the script in a fake repository, with docker, curl and the client faked:
     the script's whole flow runs, only the commands it calls are stand-ins."""
     repo = tmp_path / "repo"
     (repo / "docker").mkdir(parents=True)
     shutil.copy(SMOKE_SH, repo / "docker" / "gpu_smoke.sh")
+    shutil.copy(os.path.join(ROOT, ".dockerignore"), repo / ".dockerignore")
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     state = tmp_path / "state"
@@ -251,7 +252,8 @@ exec "{sys.executable}" "$@"
     photos.mkdir()
     for i in range(4):
         Image.new("RGB", (64, 48), (60 * i, 20, 30)).save(photos / f"p{i}.jpg", quality=90)
-    ckpt = tmp_path / "m.torchvision.pt"
+    ckpt = (repo / "runs" if ckpt_in_runs else tmp_path) / "m.torchvision.pt"
+    ckpt.parent.mkdir(exist_ok=True)
     ckpt.write_bytes(b"weights")
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": str(bin_ / "python-wrapper"),
            "POLL_S": "0", "WORK": str(tmp_path / "work"), "SSCD_ADMIN_KEY": "k"}
@@ -260,8 +262,11 @@ exec "{sys.executable}" "$@"
     return proc, repo, state
 
 
-def test_gpu_smoke_sh_flow_with_fakes(tmp_path):
-    proc, repo, state = _fake_host(tmp_path)
+@pytest.mark.parametrize("ckpt_in_runs", [False, True], ids=["outside", "runs"])
+def test_gpu_smoke_sh_flow_with_fakes(tmp_path, ckpt_in_runs):
+    """A checkpoint outside the repository, or in runs/ (which .dockerignore leaves out of
+    the build context), is copied to weights/ and built from there."""
+    proc, repo, state = _fake_host(tmp_path, ckpt_in_runs=ckpt_in_runs)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for step in ("preflight", "docker build", "ready", "embed + parity", "mean batch",

@@ -119,6 +119,14 @@ def test_committed_repository_is_the_generated_gpu_one(tmp_path):
             "--configs-only --output model_repository"
 
 
+def test_checkpoint_path_in_the_docker_build_context(tmp_path):
+    (tmp_path / ".dockerignore").write_text(".venv\nruns\n**/__pycache__\n*.onnx\n")
+    ctx = str(tmp_path)
+    assert build._docker_context_path(str(tmp_path / "models" / "a.pt"), ctx) == "models/a.pt"
+    assert build._docker_context_path(str(tmp_path / "runs" / "a.pt"), ctx) == "weights/a.pt"
+    assert build._docker_context_path("/elsewhere/a.pt", ctx) == "weights/a.pt"
+
+
 def test_gpu_repository_builds_here_except_the_plan(ckpts, tmp_path, capsys):
     out = tmp_path / "gpu"
     assert build_repository.main(["--checkpoint", ckpts[0]["torchvision"], "--target", "gpu",
@@ -126,7 +134,11 @@ def test_gpu_repository_builds_here_except_the_plan(ckpts, tmp_path, capsys):
     out_text = capsys.readouterr().out
     assert "docker/build_plan.sh" in out_text
     next_lines = out_text[out_text.index("Next: "):]
-    assert next_lines.startswith("Next: docker build -f docker/Dockerfile --build-arg CHECKPOINT=")
+    # the checkpoint lies outside the build context: copied into weights/ first
+    assert next_lines.startswith(f"Next: mkdir -p weights && cp {ckpts[0]['torchvision']} "
+                                 "weights/m.torchvision.pt")
+    assert "docker build -f docker/Dockerfile --build-arg CHECKPOINT=weights/m.torchvision.pt" \
+        in next_lines
     assert "docker run --gpus all" in next_lines
     onnx_file = out / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE
     for name in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL):

@@ -407,9 +407,23 @@ def tritonserver_command(cwd: str | None = None) -> str:
     return "tritonserver"
 
 
+def _ignored_folders(context: str) -> set[str]:
+    """The top-level folders the build context's .dockerignore leaves out (runs, .venv...)."""
+    try:
+        with open(os.path.join(context, ".dockerignore")) as f:
+            return {ln.strip().strip("/") for ln in f
+                    if ln.strip() and not ln.startswith("#") and not set(ln.strip()) & set("*?![")}
+    except OSError:
+        return set()
+
+
 def _docker_context_path(path: str, cwd: str) -> str:
+    """`path` as the Dockerfile's COPY sees it from the build context `cwd`: where it lies
+    inside and is not ignored, else weights/ (git-ignored *.pt), where it must be copied."""
     rel = os.path.relpath(os.path.abspath(path), cwd)
-    return rel if not rel.startswith("..") else f"weights/{os.path.basename(path)}"
+    if rel.startswith("..") or rel.split(os.sep, 1)[0] in _ignored_folders(cwd):
+        return f"weights/{os.path.basename(path)}"
+    return rel
 
 
 def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = None) -> list[str]:
@@ -432,9 +446,14 @@ def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = No
     source = checkpoint or (built.report.facts.get("checkpoint") if built.report else None) \
         or "CHECKPOINT"
     arg = "" if serving.descriptor == "tensorrt" else " --build-arg DESCRIPTOR=onnxruntime"
-    lines = [f"docker build -f docker/Dockerfile --build-arg CHECKPOINT="
-             f"{shlex.quote(_docker_context_path(source, cwd))}{arg} -t sscd-triton .   "
-             "# on a GPU host; the image exports this repository from the checkpoint",
+    in_context = _docker_context_path(source, cwd)
+    lines = [] if source == "CHECKPOINT" or in_context == os.path.relpath(
+        os.path.abspath(source), cwd) else [
+        f"mkdir -p weights && cp {shlex.quote(source)} {shlex.quote(in_context)}   "
+        "# into the build context (outside it, or in a folder .dockerignore leaves out)"]
+    lines += [f"docker build -f docker/Dockerfile --build-arg CHECKPOINT="
+              f"{shlex.quote(in_context)}{arg} -t sscd-triton .   "
+              "# on a GPU host; the image exports this repository from the checkpoint",
              "docker run --gpus all --shm-size 1g -p 8001:8001 -p 8002:8002 "
              "-e SSCD_ADMIN_KEY=change-me -v sscd-trt-cache:/var/cache/sscd sscd-triton"]
     if repository.builds_plan(serving):
