@@ -11,7 +11,7 @@ project importable: run it from the repository root with `PYTHONPATH=.` where th
 is not installed (a GPU machine with a bare checkout); with `pip install -e .` (the .venv)
 `PYTHONPATH` is not needed. In one run, every phase time-boxed (--budget-s):
 
-1. model parity on real photographs, through export/validate.py's `model_parity` (upstream
+1. model parity on real photographs, through sscd_triton/export/validate.py's `model_parity` (upstream
    `skew_320` batches 1, 3, 16 and `small_288` one at a time) against PyTorch fp32 on the
    CPU: the model fp32 on the device (TF32 off) with the fp32 bound, and the fp16
    channels-last model (half-precision trunk; GeM, the Linear and L2 in fp32, the export's
@@ -26,8 +26,8 @@ is not installed (a GPU machine with a bare checkout); with `pip install -e .` (
 
 Prints one table (device named above it) and writes one JSON with --out. Weights: the
 project's demo weights (seeded, BatchNorm statistics estimated: untrained, meaningless for
-copy detection) unless --checkpoint. Photographs: `sscd_triton.samples` (scikit-image and
-scikit-learn data) unless --photos DIR (any JPEG/PNG/... files; at least 3).
+copy detection) unless --checkpoint. Photographs: `sscd_triton.samples` (16 public-domain
+and CC0 JPEGs shipped with the package) unless --photos DIR (any JPEG/PNG/... files; at least 3).
 Timing: the model rows are CUDA-event times per call (median); the decode rows host-clock
 times per batch with a synchronize (nvJPEG has a CPU part). Inputs: random normal fp16
 tensors for the model (never zeros), the photographs as JPEG cycled to the batch size for
@@ -165,7 +165,7 @@ def describe(device: str) -> dict:
 # --- models ----------------------------------------------------------------------------
 class HalfIsland(nn.Module):
     """The export's fp16 recipe in PyTorch: the trunk in half precision, channels-last;
-    GeM, the Linear and L2 normalisation in fp32 (export/fp16.py; pow(3) overflows fp16)."""
+    GeM, the Linear and L2 normalisation in fp32 (sscd_triton/export/fp16.py; pow(3) overflows fp16)."""
 
     def __init__(self, sscd: nn.Module):
         super().__init__()
@@ -263,12 +263,9 @@ def load_photos(args) -> tuple[str, list[tuple[str, object]], list[str]]:
         source = os.path.abspath(args.photos)
     else:
         from sscd_triton import samples
-        try:
-            out = list(samples.photographs()[: args.max_photos])
-        except ImportError as e:
-            raise UsageError(f"no photographs: sscd_triton.samples needs scikit-image and "
-                             f"scikit-learn ({e}); pass --photos DIR") from None
-        source = "sscd_triton.samples (scikit-image, scikit-learn)"
+
+        out = list(samples.photographs()[: args.max_photos])
+        source = f"sscd_triton.samples ({samples.FOLDER})"
     if len(out) < 3:
         raise UsageError(f"{len(out)} photographs in {source}: parity needs at least 3")
     return source, out, skipped
@@ -276,7 +273,7 @@ def load_photos(args) -> tuple[str, list[tuple[str, object]], list[str]]:
 
 @contextlib.contextmanager
 def photographs_as(photos):
-    """export/validate.py reads `samples.photographs()`; point it at these for the call."""
+    """sscd_triton/export/validate.py reads `samples.photographs()`; point it at these for the call."""
     from sscd_triton import samples
     saved = samples.photographs
     samples.photographs = lambda: tuple(photos)
@@ -534,7 +531,7 @@ def main(argv=None) -> int:
     if device == "cuda":  # parity: fp32 means fp32 (cuDNN convolutions default to TF32)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    with clock.phase("model parity (export/validate.py model_parity, real photographs)",
+    with clock.phase("model parity (sscd_triton/export/validate.py model_parity, real photographs)",
                      checks), photographs_as(photos):
         if device == "cuda":
             for c in validate.model_parity(runner(model32, device), ref_run, "fp32",

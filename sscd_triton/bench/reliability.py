@@ -752,10 +752,10 @@ def overload(ctx: Context, queue: int = 2) -> tuple[dict, list]:
 
 # --- everything ----------------------------------------------------------------------------
 def build(work: Path, checkpoint: str | None, log=print) -> Path:
-    """export/build_repository.py --target cpu --max-batch 4, in a subprocess: this process
-    is the load generator whose memory the soak reports, and stays torch-free."""
+    """build_repository --target cpu --max-batch 4, in a subprocess: this process is the
+    load generator whose memory the soak reports, and stays torch-free."""
     out = work / "repository"
-    cmd = [sys.executable, str(ROOT / "export" / "build_repository.py"), "--target", "cpu",
+    cmd = [sys.executable, "-m", "sscd_triton.cli.build_repository", "--target", "cpu",
            "--output", str(out), "--max-batch", "4"]
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]

@@ -1,6 +1,6 @@
 """Triton python-backend model: encoded image bytes -> normalised tensors (cpu target).
 
-Config parameters (written by export/repository.py): `preprocess` (a key of
+Config parameters (written by sscd_triton/serving/repository.py): `preprocess` (a key of
 spec.PREPROCESS) and `max_pixels`. Input `spec.ENSEMBLE_INPUT` uint8 `[B, L]` per
 request: B encoded files, zero-padded to a common length L (decoders ignore trailing
 bytes). Output `spec.INPUT_NAME` float32 `[B, 3, H, W]`.
