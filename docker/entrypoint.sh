@@ -11,8 +11,12 @@ key=${SSCD_ADMIN_KEY:?set SSCD_ADMIN_KEY: it guards the shared-memory, repositor
 repo=${SSCD_MODEL_REPOSITORY:-/models}
 admin="shared-memory,model-repository,model-config,statistics,trace,logging:sscd-admin-key=${key}"
 /usr/local/bin/sscd-build-plan "$repo"
+# --disable-auto-complete-config: else the DALI backend adds a dynamic batcher to
+# sscd_preprocess, and one corrupt image fails other requests' images too
+# (sscd_triton/serving/repository.py GPU_SERVER_FLAGS).
 exec tritonserver --model-repository="$repo" \
   --model-control-mode=none --exit-on-error=true --strict-readiness=true \
+  --disable-auto-complete-config \
   --exit-timeout-secs=30 \
   --grpc-restricted-protocol="$admin" \
   --http-restricted-api="$admin" \

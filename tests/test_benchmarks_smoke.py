@@ -47,11 +47,16 @@ def test_isolation_benchmark_accounts_for_every_image():
          "--rates", "0.01", "--exec-ms", "0.2", "--row-ms", "0.01"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines()
-            if line.startswith(("dynamic-batching ", "per-request "))]
-    assert [(r[0], r[1]) for r in rows] == [("dynamic-batching", "0.00%"), ("dynamic-batching", "1.00%"),
-                                            ("per-request", "0.00%"), ("per-request", "1.00%")]
-    assert all(r[-2:] == ["0", "0"] for r in rows)  # none wrongly failed, none missed
+    kinds = ("dynamic-batching", "per-request", "told-per-request")
+    rows = {(r[0], r[1]): r for r in (line.split() for line in proc.stdout.splitlines())
+            if r and r[0] in kinds}
+    assert list(rows) == [(k, rate) for k in kinds for rate in ("0.00%", "1.00%")]
+    for (kind, rate), r in rows.items():
+        wrongly_failed, missed, switched = r[-3:]
+        assert missed == "0"  # no corrupt image ever gets a descriptor
+        if kind != "told-per-request":
+            assert wrongly_failed == "0"
+        assert switched == ("yes" if kind == "told-per-request" and rate != "0.00%" else "-")
 
 
 def test_isolation_benchmark_refuses_bad_rates():

@@ -597,14 +597,17 @@ def test_classify_real_server_messages():
         "Exceeds maximum queue size"
 
 
-@pytest.mark.parametrize("per_request,retry_whole", [(False, True), (False, False), (True, False)],
-                         ids=["dynamic-batching", "dynamic-batching-bisect", "per-request"])
-def test_dali_isolation_scales_with_concurrency(tmp_path, per_request, retry_whole):
+@pytest.mark.parametrize("per_request,batch_mates,retry_whole", [
+    (False, True, True), (False, True, False), (True, False, False), (False, False, False)],
+    ids=["dynamic-batching", "dynamic-batching-bisect", "per-request", "told-wrong"])
+def test_dali_isolation_at_concurrency(tmp_path, per_request, batch_mates, retry_whole):
     """2000 images, 0.75% corrupt, concurrency 8, through the real pipeline against a fake
     DALI server that either forms batches across concurrent requests and fails them whole
     (dynamic batching) or runs each request as its own batch (this project's gpu
     repository): every good image embedded once with its own value, exactly the corrupt
-    ones failed, and a bounded number of requests."""
+    ones failed, and a bounded number of requests. "told-wrong": the client was told the
+    server runs each request alone (a config read from another server behind the same
+    address, mid rolling upgrade), but it batches: the client finds out and switches."""
     n, batch, concurrency = 2000, 16, 8
     rng = np.random.default_rng(0)
     corrupt = set(rng.choice(n, 15, replace=False).tolist())
@@ -626,9 +629,9 @@ def test_dali_isolation_scales_with_concurrency(tmp_path, per_request, retry_who
 
     async def go():
         eps = transport.Endpoints(["dali:1"], 5.0, (0.01, 0.05), client_factory=lambda u: server)
-        sender = transport.Sender(eps, "sscd", "image", 4, result, sink.failure,
+        sender = transport.Sender(eps, "sscd", "image", 4, result, sink.failure, log=notes.append,
                                   retry_whole=retry_whole, jitter=0.005,
-                                  batch_mates=not per_request)
+                                  batch_mates=batch_mates)
         attempt = sender.attempt
 
         async def counted(items):  # re-sends of a failed request's images in flight at once
@@ -650,6 +653,7 @@ def test_dali_isolation_scales_with_concurrency(tmp_path, per_request, retry_who
         return sender, asyncio.get_running_loop().time() - t0
 
     suspects: set = set()
+    notes: list = []
     # every item is sent alone when it does not look complete; these rows do not, so
     # the test makes them look complete (it is the batching, not the sniffing, under test)
     with pytest.MonkeyPatch.context() as mp:
@@ -661,14 +665,23 @@ def test_dali_isolation_scales_with_concurrency(tmp_path, per_request, retry_who
           f"({server.busy} queue-full), minimum {minimum}, {server.formed} formed batches "
           f"({server.failed_batches} failed), {sender.splits} splits, {sender.rechecked} "
           f"re-checks, {in_flight[1]} re-sends at once, {seconds:.1f}s, {len(failed)} failed")
-    assert failed == sorted(paths[k] for k in corrupt)
-    assert all("DALI error" in f[1] for f in store.failures)
-    assert sorted(got) == sorted(p for k, p in enumerate(paths) if k not in corrupt)
     assert all(v == [float(int(os.path.basename(p)[:5]))] for p, v in got.items())  # own, once
+    assert all("DALI error" in f[1] for f in store.failures)
+    assert sorted(failed + sorted(got)) == sorted(paths)  # every image exactly once
+    if not per_request and not batch_mates:
+        # Until the switch a good image can be failed three times running by batch-mates
+        # moving in lockstep with a corrupt one: it is then recorded as failed (not lost).
+        # Measured here: 0 in 19 runs of 20, 1 in the twentieth; without the switch, 223 of
+        # 4,000 images at 1% corrupt.
+        assert "batches requests together" in " ".join(notes) and sender.batch_mates
+        assert set(paths[k] for k in corrupt) <= set(failed) and len(failed) <= len(corrupt) + 2
+        return
+    assert failed == sorted(paths[k] for k in corrupt)
+    assert sorted(got) == sorted(p for k, p in enumerate(paths) if k not in corrupt)
     inferred = server.requests - server.busy
     if per_request:
-        # each corrupt file: 4 parts of 4, then 4 lone images, then 1 re-check: 9 requests
-        assert inferred <= minimum + 9 * len(corrupt), (inferred, minimum)
+        # each corrupt file: 4 parts of 4, then 4 lone images, then 2 re-checks: 10 requests
+        assert inferred <= minimum + 10 * len(corrupt), (inferred, minimum)
         assert in_flight[1] > 1  # isolation runs concurrently: no lane
     else:
         # measured: ~2.7x the minimum retrying whole first, ~3.2x bisecting at once

@@ -330,3 +330,15 @@ def test_hpa_metric_comes_from_exported_metrics(exported):
     assert named == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
     assert named <= exported
     assert re.search(rule["name"]["matches"], "nv_inference_queue_duration_us")
+
+
+def test_entrypoint_passes_the_flags_the_gpu_repository_needs():
+    """Without --disable-auto-complete-config the DALI backend gives sscd_preprocess a
+    dynamic batcher (dali_backend src/config_tools/config_tools.cc)."""
+    from sscd_triton.serving.repository import GPU_SERVER_FLAGS
+
+    text = (ROOT / "docker" / "entrypoint.sh").read_text()
+    command = text[text.index("exec tritonserver"):]
+    for flag in GPU_SERVER_FLAGS:
+        assert f"  {flag} \\\n" in command, flag
+

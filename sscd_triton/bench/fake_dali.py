@@ -48,12 +48,13 @@ class DaliServer:
     """Triton's scheduler in front of a DALI model.
 
     `per_request=False` (dynamic batching): requests arriving within `window` seconds form
-    one batch of up to `max_rows` rows (whole requests; ragged, as allow_ragged_batch),
-    executed one batch at a time; if any row of the formed batch is corrupt, every request
-    of it gets DALI's UNKNOWN error. `per_request=True` (no dynamic batcher, Triton's
-    default scheduler): each request is its own DALI batch, `instances` of them at once; a
-    corrupt row fails only its own request. A batch takes `exec_s` + `row_s` per row. More
-    than `max_queue` requests waiting: UNAVAILABLE "Exceeds maximum queue size"."""
+    one batch of up to `max_rows` rows (whole requests; ragged, as allow_ragged_batch); if
+    any row of the formed batch is corrupt, every request of it gets DALI's UNKNOWN error.
+    More than `max_queue` requests waiting: UNAVAILABLE "Exceeds maximum queue size" (the
+    dynamic batcher's queue policy). `per_request=True` (no dynamic batcher: Triton's
+    default scheduler, which has no queue policy): each request is its own DALI batch; a
+    corrupt row fails only its own request. Either way `instances` batches run at once,
+    each taking `exec_s` + `row_s` per row."""
 
     def __init__(self, corrupt, window: float = 0.002, max_rows: int = 64, max_queue: int = 3,
                  exec_s: float = 0.001, row_s: float = 0.0, per_request: bool = False,
@@ -70,13 +71,13 @@ class DaliServer:
         inp = inputs[0]
         rows = np.frombuffer(inp._get_content(), np.uint8).reshape(inp.shape())
         self.requests += 1
-        if len(self.queue) >= self.max_queue:
+        if not self.per_request and len(self.queue) >= self.max_queue:
             self.busy += 1
             raise error(QUEUE_FULL, "UNAVAILABLE")
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((rows, fut))
         self._workers = [w for w in self._workers if not w.done()]
-        if len(self._workers) < (self.instances if self.per_request else 1):
+        if len(self._workers) < self.instances:
             self._workers.append(asyncio.ensure_future(self._run()))
         return await fut
 

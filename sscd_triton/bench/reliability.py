@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sscd_triton import images, samples, spec
+from sscd_triton.serving.repository import GPU_SERVER_FLAGS
 from sscd_triton.serving.server import HOST, TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,8 @@ def check(name: str, ok: bool, detail: str) -> dict:
 # --- production flags ----------------------------------------------------------------------
 def production_flags(key: str) -> tuple[list[str], int]:
     """The tritonserver flags of docker/entrypoint.sh (restricted protocols behind
-    `sscd-admin-key`, exit timeout) with `key`; and the exit timeout in seconds."""
+    `sscd-admin-key`, exit timeout, no auto-completed configs) with `key`; and the exit
+    timeout in seconds."""
     restricted, timeout = DEFAULT_RESTRICTED, DEFAULT_EXIT_TIMEOUT
     try:
         text = (ROOT / "docker" / "entrypoint.sh").read_text()
@@ -79,8 +81,8 @@ def production_flags(key: str) -> tuple[list[str], int]:
     except OSError:
         pass
     admin = f"{restricted}:{spec.ADMIN_HEADER}={key}"
-    return [f"--exit-timeout-secs={timeout}", f"--grpc-restricted-protocol={admin}",
-            f"--http-restricted-api={admin}"], timeout
+    return [*GPU_SERVER_FLAGS, f"--exit-timeout-secs={timeout}",
+            f"--grpc-restricted-protocol={admin}", f"--http-restricted-api={admin}"], timeout
 
 
 # --- processes and memory ------------------------------------------------------------------

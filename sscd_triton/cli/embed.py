@@ -435,7 +435,8 @@ async def run(args) -> int:
             sink = pipeline.Sink(store, progress)
             sender = transport.Sender(endpoints, args.model, info["input"], info["dims"],
                                       sink.result, sink.failure, args.timeout, slots,
-                                      headers=headers, batch_mates=info["batch_mates"])
+                                      headers=headers, batch_mates=info["batch_mates"],
+                                      log=log)
             units = pipeline.plan(store, args.inputs, exclude=[store.folder])
             task = asyncio.create_task(pipeline.run(units, sink, sender, opts, progress))
             loop = asyncio.get_running_loop()

@@ -18,9 +18,8 @@ This module holds the sender policy.
   an overloaded server says nothing about the images, so no failure is recorded.
 - BATCH (DALI: one corrupt image fails the whole batch DALI ran): the request is split
   into `parts` parts, each sent on, and so on, until the bad image stands alone; a lone
-  image failing is re-checked `rechecks` more times after a short jitter (a transient
-  error is not a verdict; 2 with batch-mates, else 1) and fails only when every try
-  failed. It runs beside the rest of the run: each bad image costs a few requests of its
+  image failing is re-checked `rechecks` (2) more times after a short jitter (a
+  transient error is not a verdict) and fails only when every try failed. It runs beside the rest of the run: each bad image costs a few requests of its
   own (about `parts` x log_parts(batch size), plus the re-checks), no pass at the end.
   `batch_mates=True` (the default, safe for any server): the DALI model may batch
   requests together (dynamic batching), so the error may have been another request's
@@ -31,7 +30,10 @@ This module holds the sender policy.
   the corrupt files a second a run absorbs (benchmarks/isolation.py measures it).
   `batch_mates=False`: the server runs each request as its own DALI batch (this
   project's gpu repository: `sscd_preprocess` has no dynamic batcher), so an error is
-  the request's own: no whole re-send, no lane, no jitter before the parts.
+  the request's own: no whole re-send, no lane, no jitter before the parts. That is the
+  config's word, maybe another server's (one address, a rolling upgrade): a failed
+  request whose parts all pass, or a lone image that fails then passes, shows requests
+  batched together after all, and the Sender switches to `batch_mates=True` for good.
 - REJECT (INVALID_ARGUMENT "bad image: ...", a per-request verdict): split at the row
   the server names ("item N of the request") when it does, else in halves; alone, the
   verdict is final.
@@ -53,7 +55,6 @@ from sscd_triton.client.endpoints import Endpoint, Endpoints, make_client  # noq
 from sscd_triton.client.errors import (BATCH, BUSY, ERROR, REJECT, RESTRICTED, RETRY, SHM,  # noqa: F401
                            Fatal, GiveUp, answered, classify, clean_message,
                            restricted, split, status_name)
-from sscd_triton.client.errors import ITEM as _ITEM
 from sscd_triton.client.errors import MAX_ROWS as _MAX_ROWS
 from sscd_triton.client.shm import SHM_PREFIX, ShmSlots, remove_stale_regions  # noqa: F401
 from sscd_triton import images, spec
@@ -88,12 +89,11 @@ class Sender:
     def __init__(self, endpoints: Endpoints, model: str, input_name: str, dims: int,
                  on_result: Callable[[list[str], np.ndarray], None],
                  on_failure: Callable[[str, str], None], timeout: float = 300.0,
-                 slots: ShmSlots | None = None, reject_retries: int = 0,
-                 rechecks: int | None = None,
+                 slots: ShmSlots | None = None, rechecks: int = 2,
                  headers: dict | None = None, retry_whole: bool = True,
                  jitter: float = 0.05, busy: tuple[float, float] = (0.05, 2.0),
                  busy_for: float | None = None, lost_tries: int = 5, parts: int = 4,
-                 batch_mates: bool = True):
+                 batch_mates: bool = True, log: Callable[[str], None] | None = None):
         self.endpoints = endpoints
         self.model = model
         self.input_name = input_name
@@ -102,27 +102,45 @@ class Sender:
         self.on_failure = on_failure
         self.timeout = timeout
         self.slots = slots
-        self.reject_retries = reject_retries
-        # A lone image that fails beside batch-mates may have been failed by a batch-mate's
-        # corrupt image twice running; alone in its own request only a transient error
-        # could spare it, and one more try covers that.
-        self.rechecks = (2 if batch_mates else 1) if rechecks is None else rechecks
+        # Two: a lone image can be failed by a batch-mate's corrupt image (or a transient
+        # error) twice running, above all before a server that batches requests is found
+        # out (_batch_mates_after_all).
+        self.rechecks = rechecks
         self.headers = headers
-        self.retry_whole = retry_whole and batch_mates
+        self._retry_whole = retry_whole
         self.jitter = jitter
         self.busy = busy
         self.busy_for = timeout if busy_for is None else busy_for
         self.lost_tries = lost_tries
         self.parts = parts
-        # Re-sends after a batch error go one at a time (beside the fresh requests) where
-        # the server may batch them together: two suspects in one formed batch would fail
-        # each other. The jitter before each is taken outside the lane.
-        self._suspects = asyncio.Semaphore(1) if batch_mates else None
+        self.log = log
+        self.mixing_seen = ""  # why the server was found to batch requests together after all
+        self._set_batch_mates(batch_mates)
         self.max_rows = 0  # learnt from the server when its config could not be read
         self.requests = 0
         self.splits = 0
         self.rechecked = 0
         self.busy_answers = 0
+
+    def _set_batch_mates(self, batch_mates: bool) -> None:
+        self.batch_mates = batch_mates
+        self.retry_whole = self._retry_whole and batch_mates
+        # Re-sends after a batch error go one at a time (beside the fresh requests) where
+        # the server may batch them together: two suspects in one formed batch would fail
+        # each other. The jitter before each is taken outside the lane.
+        self._suspects = asyncio.Semaphore(1) if batch_mates else None
+
+    def _batch_mates_after_all(self, why: str) -> None:
+        """Evidence that the server's DALI batches requests together although its config
+        said otherwise (a server behind the same address that was not checked, e.g. during
+        a rolling upgrade): isolate the safe way from now on."""
+        if self.batch_mates:
+            return
+        self.mixing_seen = why
+        self._set_batch_mates(True)
+        if self.log:
+            self.log(f"note: {why}: the server batches requests together in DALI after all; "
+                     "isolating corrupt files one suspect at a time from now on")
 
     async def _infer(self, ep: Endpoint, arr: np.ndarray) -> np.ndarray:
         dtype = "UINT8" if arr.dtype == np.uint8 else "FP32"
@@ -235,58 +253,65 @@ class Sender:
         async with self._suspects:
             return await self.attempt(items)
 
-    async def send(self, items: list[Item], named: bool = False, whole: bool = False,
-                   suspect: bool = False) -> None:
-        """Deliver every item of `items` to `on_result` or `on_failure`.
-        `named`: `items` is the one row a server named in a rejected request of several.
+    async def send(self, items: list[Item], whole: bool = False, suspect: bool = False) -> bool:
+        """Deliver every item of `items` to `on_result` or `on_failure`; True when any of
+        them was recorded as a failure.
         `whole`: `items` already failed together with a batch error and was re-sent."""
         if self.max_rows and len(items) > self.max_rows:
+            failed = False
             for k in range(0, len(items), self.max_rows):
-                await self.send(items[k:k + self.max_rows])
-            return
-        # Without batch-mates a part of a failed request is like any request: no jitter.
-        suspect = suspect and self._suspects is not None
+                failed |= await self.send(items[k:k + self.max_rows])
+            return failed
+        if suspect and self._suspects is None:
+            # Without batch-mates a part of a failed request needs no lane, and only a
+            # tenth of the jitter: enough that the parts of two failed requests do not
+            # move in lockstep should the server batch them together after all.
+            await asyncio.sleep(self.jitter * 0.1 * random.uniform(0.2, 1.8))
+            suspect = False
         outcome = await (self._attempt_suspect(items, 0) if suspect else self.attempt(items))
         if isinstance(outcome, np.ndarray):
             self.on_result([i.id for i in items], outcome)
-            return
+            return False
         cap = _MAX_ROWS.search(outcome.message)
         if cap and 1 <= int(cap.group(1)) < len(items):  # the model's max_batch_size
             self.max_rows = int(cap.group(1))
-            await self.send(items)
-            return
+            return await self.send(items)
         if outcome.kind == BUSY:  # overloaded past the bound: no verdict on the images, so
             raise GiveUp(outcome.message)  # none is recorded; the run stops resumable (exit 3)
         batch_error = outcome.kind in (BATCH, ERROR)
         if len(items) > 1:
             if batch_error and self.retry_whole and not whole:  # most likely a batch-mate's
-                await self.send(items, whole=True, suspect=True)
-                return
+                return await self.send(items, whole=True, suspect=True)
             self.splits += 1
-            m = _ITEM.search(outcome.message) if outcome.kind == REJECT else None
-            bad = items[int(m.group(1))] if m and int(m.group(1)) < len(items) else None
-            if m or not batch_error:
+            if not batch_error:  # at the row the server names, else in halves
                 parts = split(items, outcome.message)
-            else:  # a few parts: fewer rounds, each of which fails a formed batch
+            else:  # a few parts: fewer rounds, each of which fails a batch
                 k = -(-len(items) // min(self.parts, len(items)))
                 parts = [items[i:i + k] for i in range(0, len(items), k)]
+            failed = False
             for part in parts:
-                await self.send(part, named=len(part) == 1 and part[0] is bad, whole=True,
-                                suspect=batch_error)
-            return
-        tries = 1
-        retries = self.reject_retries if outcome.kind == REJECT and not named else (
-            0 if outcome.kind in (REJECT, RETRY) else self.rechecks)
-        for n in range(retries):
+                failed |= await self.send(part, whole=True, suspect=batch_error)
+            if outcome.kind == BATCH and not failed:
+                self._batch_mates_after_all("a request failed with a DALI error and every "
+                                            "part of it then passed")
+            return failed
+        tries, first = 1, outcome.kind
+        while first not in (REJECT, RETRY) and tries <= self.rechecks:
             self.rechecked += 1
-            outcome = await self._attempt_suspect(items, n)
+            outcome = await self._attempt_suspect(items, tries - 1)
             tries += 1
             if isinstance(outcome, np.ndarray):
                 self.on_result([items[0].id], outcome)
-                return
-            if outcome.kind in (BUSY, REJECT, RETRY):
+                if first == BATCH:
+                    self._batch_mates_after_all("a lone image failed with a DALI error, "
+                                                "then passed")
+                return False
+            if outcome.kind == BUSY:
+                raise GiveUp(outcome.message)
+            if outcome.kind in (REJECT, RETRY):
                 break
         self.on_failure(items[0].id, reason(outcome, tries))
+        return True
 
 
 def reason(r: Rejection, tries: int) -> str:

@@ -426,6 +426,9 @@ def _docker_context_path(path: str, cwd: str) -> str:
     return rel
 
 
+_GPU = " ".join(repository.GPU_SERVER_FLAGS)
+
+
 def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = None) -> list[str]:
     """Commands that serve what was built, as a user can paste them (README: "Model
     repository", "Production")."""
@@ -435,14 +438,14 @@ def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = No
     if serving.target == "cpu":
         return [f"{tritonserver_command(cwd)} --model-repository {out}"]
     if serving.prebuilt_plan:
-        return [f"tritonserver --model-repository {out}   # in an NGC Triton container on the "
-                "host whose TensorRT and GPU built the plan"]
+        return [f"tritonserver {_GPU} --model-repository {out}   # in an NGC Triton container "
+                "on the host whose TensorRT and GPU built the plan"]
     if built.postprocess is not None:
         # docker/Dockerfile's export stage builds from the checkpoint without --postprocess:
         # serve this repository as built.
         finish = f"docker/build_plan.sh {out} && " if repository.builds_plan(serving) else ""
-        return [f"{finish}tritonserver --model-repository {out}   # in an NGC Triton container "
-                "(the Dockerfile's own export does not take --postprocess)"]
+        return [f"{finish}tritonserver {_GPU} --model-repository {out}   # in an NGC Triton "
+                "container (the Dockerfile's own export does not take --postprocess)"]
     source = checkpoint or (built.report.facts.get("checkpoint") if built.report else None) \
         or "CHECKPOINT"
     arg = "" if serving.descriptor == "tensorrt" else " --build-arg DESCRIPTOR=onnxruntime"
@@ -454,11 +457,12 @@ def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = No
     lines += [f"docker build -f docker/Dockerfile --build-arg CHECKPOINT="
               f"{shlex.quote(in_context)}{arg} -t sscd-triton .   "
               "# on a GPU host; the image exports this repository from the checkpoint",
-             "docker run --gpus all --shm-size 1g -p 8001:8001 -p 8002:8002 "
-             "-e SSCD_ADMIN_KEY=change-me -v sscd-trt-cache:/var/cache/sscd sscd-triton"]
+              "docker run --gpus all --shm-size 1g -p 8001:8001 -p 8002:8002 "
+              "-e SSCD_ADMIN_KEY=change-me -v sscd-trt-cache:/var/cache/sscd sscd-triton"]
     if repository.builds_plan(serving):
         lines.append(f"# or, in an NGC Triton container: docker/build_plan.sh {out} && "
-                     f"tritonserver --model-repository {out}")
+                     f"tritonserver {_GPU} --model-repository {out}")
     else:
-        lines.append(f"# or, in an NGC Triton container: tritonserver --model-repository {out}")
+        lines.append(f"# or, in an NGC Triton container: tritonserver {_GPU} "
+                     f"--model-repository {out}")
     return lines

@@ -89,6 +89,13 @@ class ServingConfig:
         return [1, c, *hw_min], [self.opt_batch, c, *hw_opt], [self.max_batch, c, *hw_max]
 
 
+# tritonserver flags the gpu repository needs. Without them the DALI backend auto-completes
+# `sscd_preprocess` with an empty dynamic_batching block (dali_backend
+# src/config_tools/config_tools.cc: any batched model without one gets it) and DALI batches
+# requests together again, so one corrupt image fails other requests' images.
+GPU_SERVER_FLAGS = ("--disable-auto-complete-config",)
+
+
 def shapes_arg(shape: list[int]) -> str:
     """`images:1x3x320x320`: the form of trtexec's --minShapes and of onnxruntime's
     trt_profile_min_shapes."""
