@@ -577,6 +577,29 @@ def test_queue_full_backs_off_without_leaving_rotation():
                        match=r"the server stayed overloaded \(.*Exceeds maximum queue size"):
         _run_sender([client], _items([1, 2]), busy=(0.01, 0.02), busy_for=0.2)
 
+    # The same while re-checking a lone image that failed with a DALI error: an overloaded
+    # server says nothing about that image either.
+    class DaliThenBusy(FakeClient):
+        def _infer(self, inputs):
+            if self.calls:
+                raise _err(QUEUE_FULL, "UNAVAILABLE")
+            self.calls.append(1)
+            raise _err(DALI_CORRUPT, "UNKNOWN")
+
+    failures = {}
+
+    async def recheck():
+        client = DaliThenBusy("a:1")
+        eps = transport.Endpoints(["a:1"], 5.0, (0.01, 0.05), client_factory=lambda u: client)
+        sender = transport.Sender(eps, "sscd", "image", 4, lambda ids, e: None,
+                                  lambda i, r: failures.update({i: r}), busy=(0.01, 0.02),
+                                  busy_for=0.2, jitter=0.001)
+        await sender.send(_items([1]))
+
+    with pytest.raises(transport.GiveUp, match="Exceeds maximum queue size"):
+        asyncio.run(recheck())
+    assert not failures
+
 
 def test_classify_real_server_messages():
     k = transport.classify
