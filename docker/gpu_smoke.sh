@@ -11,7 +11,7 @@
 #      holding a bad image; the client must isolate it);
 #   3. reads nv_inference_count / nv_inference_exec_count of sscd_descriptor from the
 #      metrics port around step 1: the mean batch size the dynamic batcher formed; and
-#      that sscd_preprocess (DALI) ran each request as its own batch.
+#      that the served sscd_preprocess (DALI) config has no dynamic batcher.
 # Prints one table and exits 0 only if every step passed. The container is stopped (and its
 # log kept in the work folder) whatever happens.
 #
@@ -253,17 +253,15 @@ else
   row "mean batch" PASS "$mean = $count inferences / $execs executions of sscd_descriptor (step 'embed + parity')"
 fi
 # DALI must run each request alone (no dynamic batcher: one corrupt image would fail other
-# requests' images); the DALI backend adds one unless --disable-auto-complete-config
-r0=$(metric_value nv_inference_request_success sscd_preprocess <<<"$before")
-r1=$(metric_value nv_inference_request_success sscd_preprocess <<<"$after")
-x0=$(metric_value nv_inference_exec_count sscd_preprocess <<<"$before")
-x1=$(metric_value nv_inference_exec_count sscd_preprocess <<<"$after")
-requests=$((${r1:-0} - ${r0:-0}))
-dali_execs=$((${x1:-0} - ${x0:-0}))
-if ((requests > 0 && requests == dali_execs)); then
-  row "DALI per request" PASS "sscd_preprocess: $requests requests in $dali_execs executions"
+# requests' images); the DALI backend adds one unless --disable-auto-complete-config. The
+# served config is the one the server completed.
+if ! pre_config=$(curl -fsS -H "sscd-admin-key: $KEY" \
+  "http://127.0.0.1:$HTTP_PORT/v2/models/sscd_preprocess/config" 2>&1); then
+  row "DALI per request" FAIL "cannot read sscd_preprocess's config: $pre_config"
+elif [[ $pre_config == *'"dynamic_batching"'* ]]; then
+  row "DALI per request" FAIL "sscd_preprocess has a dynamic batcher: is tritonserver run with --disable-auto-complete-config?"
 else
-  row "DALI per request" FAIL "sscd_preprocess: $requests requests in $dali_execs executions (requests batched together: is tritonserver run with --disable-auto-complete-config?)"
+  row "DALI per request" PASS "sscd_preprocess's served config has no dynamic batcher"
 fi
 
 # 4. one truncated JPEG among good photographs

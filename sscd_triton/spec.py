@@ -112,12 +112,13 @@ MAX_IMAGE_PIXELS = 40_000_000
 PARAM_MODEL_NAME = "sscd_model"  # e.g. "sscd_disc_mixup", or the demo label
 PARAM_WEIGHTS_SHA256 = "sscd_weights_sha256"  # sha256 of the exported descriptor ONNX
 PARAM_PREPROCESS = "preprocess"  # spec.PREPROCESS key
-# How the server words a refused image; clients parse these to isolate bad files.
+
 # docker/entrypoint.sh puts the admin protocols (statistics, model-config, shared memory...)
 # behind this header; over gRPC Triton expects it with the prefix (its error message says so).
 ADMIN_HEADER = "sscd-admin-key"
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 
+# How the server words a refused image; clients parse these to isolate bad files.
 BAD_IMAGE_PREFIX = "bad image: "
 BAD_ROW = "item {index} of the request: "
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")

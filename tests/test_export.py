@@ -144,5 +144,7 @@ def test_next_line_names_the_command_as_it_was_run(exported, monkeypatch):
     assert f"Next: python export/build_repository.py --onnx {path} --checkpoint " in log
     monkeypatch.setattr(sys, "argv", ["/venv/bin/sscd-export-onnx"])
     assert command("export/build_repository.py") == "sscd-build-repository"
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/site-packages/sscd_triton/cli/export_onnx.py"])
+    assert command("export/build_repository.py") == "python -m sscd_triton.cli.build_repository"
     monkeypatch.setattr(sys, "argv", ["export/export_onnx.py"])
     assert command("export/build_repository.py") == "python export/build_repository.py"

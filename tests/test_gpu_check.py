@@ -200,7 +200,7 @@ def test_gpu_smoke_sh_only_failure(tmp_path, records, ok):
         assert proc.stdout.strip() == "bad image: truncated"
 
 
-def _fake_host(tmp_path, embed_rc: int = 0, ckpt_in_runs: bool = False, dali_mixed: int = 0):
+def _fake_host(tmp_path, embed_rc: int = 0, ckpt_in_runs: bool = False, batcher: str = ""):
     """A copy of the script in a fake repository, with docker, curl and the client faked:
     the script's whole flow runs, only the commands it calls are stand-ins."""
     repo = tmp_path / "repo"
@@ -225,11 +225,11 @@ esac
 case "$*" in
   *health/ready*) n=$(cat "{state}/polls" 2>/dev/null || echo 0); echo $((n + 1)) > "{state}/polls"
                   [ "$n" -ge 1 ] ;;
-  *metrics*) if [ -e "{state}/metrics" ]; then c=74; e=12; r=9; x=$((9 + {dali_mixed})); else c=10; e=10; r=5; x=5; touch "{state}/metrics"; fi
+  *metrics*) if [ -e "{state}/metrics" ]; then c=74; e=12; else c=10; e=10; touch "{state}/metrics"; fi
              printf 'nv_inference_count{{model="sscd_descriptor",version="1"}} %s\\n' $c
-             printf 'nv_inference_exec_count{{model="sscd_descriptor",version="1"}} %s\\n' $e
-             printf 'nv_inference_request_success{{model="sscd_preprocess",version="1"}} %s\\n' $r
-             printf 'nv_inference_exec_count{{model="sscd_preprocess",version="1"}} %s\\n' $x ;;
+             printf 'nv_inference_exec_count{{model="sscd_descriptor",version="1"}} %s\\n' $e ;;
+  *sscd_preprocess/config*) [[ "$*" == *"sscd-admin-key: "* ]] || exit 22
+             echo '{{"name":"sscd_preprocess","max_batch_size":64{batcher}}}' ;;
 esac
 """,
         "python-wrapper": f"""#!/usr/bin/env bash
@@ -275,7 +275,7 @@ def test_gpu_smoke_sh_flow_with_fakes(tmp_path, ckpt_in_runs):
                  "DALI per request", "corrupt JPEG"):
         assert any(ln.startswith("PASS") and step in ln for ln in out.splitlines()), (step, out)
     assert "32.00 = 64 inferences / 2 executions" in out
-    assert "sscd_preprocess: 4 requests in 4 executions" in out
+    assert "sscd_preprocess's served config has no dynamic batcher" in out
     assert "only corrupt-truncated.jpg failed (bad image: truncated), 4/4 good" in out
     docker = (state / "docker.log").read_text()
     assert "--build-arg CHECKPOINT=weights/m.torchvision.pt" in docker  # copied into the context
@@ -311,7 +311,8 @@ def test_gpu_smoke_sh_python_snippets_import():
 
 
 def test_gpu_smoke_sh_fails_when_dali_batches_requests_together(tmp_path):
-    proc, _, _ = _fake_host(tmp_path, dali_mixed=-2)  # 4 requests in 2 executions
+    # what the DALI backend's auto-complete serves (dali_backend config_tools.cc, then core)
+    proc, _, _ = _fake_host(tmp_path, batcher=',"dynamic_batching":{"preferred_batch_size":[64]}')
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert any(ln.startswith("FAIL") and "DALI per request" in ln and
                "--disable-auto-complete-config" in ln for ln in proc.stdout.splitlines()), proc.stdout

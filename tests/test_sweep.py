@@ -127,3 +127,22 @@ def test_sweep_measures_a_server_restricted_as_in_production(perf_analyzer, trit
         assert _rows(tmp_path / "with" / "perf-descriptor-cpu.csv")
     finally:
         server.stop()
+
+
+def test_a_point_refused_for_good_is_not_tried_again(tmp_path):
+    """A restricted protocol (core's words, through perf_analyzer) is not cured by a
+    longer window: one try, its reason kept."""
+    from sscd_triton.bench import sweep
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text("#!/bin/sh\n"
+                    f"echo \"$@\" >> {calls}\n"
+                    "echo \"error: failed to get model config: This protocol is restricted, "
+                    "expecting header 'triton-grpc-protocol-sscd-admin-key'\" >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    point = sweep.run_point(str(fake), "127.0.0.1:1", "sscd", sweep.Point("ensemble", "concurrency", 1, 1),
+                            [], 1500, str(tmp_path), 30, 4)
+    assert not point.row and len(calls.read_text().splitlines()) == 1
+    assert "This protocol is restricted" in point.error

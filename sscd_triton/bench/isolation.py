@@ -12,6 +12,7 @@ transfers is the ratio: images/s with corrupt files over images/s with none, per
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ def run(server_kind: str, images: int, corrupt_rate: float, batch: int, concurre
     once (a result or a failure)."""
     per_request = server_kind == "per-request"
     rng = np.random.default_rng(seed)
+    random.seed(seed)  # the client's jitter: the same run twice gives the same table
     corrupt = set(rng.choice(images, int(round(images * corrupt_rate)), replace=False).tolist())
     server = DaliServer(corrupt, max_rows=max_rows, max_queue=4 * concurrency,
                         exec_s=exec_ms / 1e3, row_s=row_ms / 1e3, per_request=per_request,
@@ -58,7 +60,7 @@ def run(server_kind: str, images: int, corrupt_rate: float, batch: int, concurre
     failures: Counter = Counter()
     items = [transport.Item(str(k), k.to_bytes(4, "little"), 4) for k in range(images)]
 
-    async def go() -> float:
+    async def go() -> tuple[float, bool]:
         eps = transport.Endpoints([server.url], 30.0, (0.01, 0.05), client_factory=lambda u: server)
         sender = transport.Sender(eps, "sscd", "image", 4,
                                   lambda ids, emb: results.update(ids),

@@ -123,6 +123,9 @@ def parse_composing(stdout: str) -> dict[str, dict]:
 # busy one a window can end with no request completed ("No valid requests recorded"): the
 # last try accepts 100% over a doubled window. The CSV's Stability % and Window ms say which.
 ATTEMPTS = ((25, 1), (100, 1), (100, 2))
+# What another try can cure (perf_analyzer's own words, src/inference_profiler.cc); a
+# refused protocol, an unknown model or no server ends the point at once.
+RETRYABLE = re.compile(r"stable|no valid requests|timed out", re.I)
 
 
 def admin_args(key: str | None) -> list[str]:
@@ -135,8 +138,9 @@ def admin_args(key: str | None) -> list[str]:
 def run_point(pa: str, url: str, model: str, point: Point, data: list[str], window_ms: int,
               work: str, timeout_s: float, max_trials: int) -> Point:
     """One perf_analyzer measurement, stabilised on average latency and throughput (max / min
-    of its last 3 windows within the stability bound), tried up to len(ATTEMPTS) times; a
-    point that still fails carries every try's reason in .error."""
+    of its last 3 windows within the stability bound), tried up to len(ATTEMPTS) times while
+    the failure is one a longer or laxer measurement can cure; a point that still fails
+    carries every try's reason in .error."""
     errors = []
     for stability, scale in ATTEMPTS:
         point.error = ""
@@ -145,6 +149,8 @@ def run_point(pa: str, url: str, model: str, point: Point, data: list[str], wind
         if point.row:
             return point
         errors.append(f"[{stability}%, {window_ms * scale} ms] {point.error}")
+        if not RETRYABLE.search(point.error):
+            break
     point.error = "; ".join(errors)
     return point
 

@@ -27,8 +27,12 @@ def run_main(problems: list[str], run: Callable[[], int],
 
 def command(script: str) -> str:
     """How to run the project's command `script` (e.g. "export/build_repository.py") the way
-    this process was run: its `sscd-*` entry point when installed as one, else the script
-    from the repository root."""
-    if sys.argv and sys.argv[0].rsplit("/", 1)[-1].startswith("sscd-"):
-        return "sscd-" + script.rsplit("/", 1)[-1][:-len(".py")].replace("_", "-")
+    this process was run: its `sscd-*` entry point when installed as one, `python -m` when
+    run as a module, else the script from the repository root."""
+    name = script.rsplit("/", 1)[-1][:-len(".py")]
+    run_as = sys.argv[0].replace("\\", "/") if sys.argv else ""
+    if run_as.rsplit("/", 1)[-1].startswith("sscd-"):
+        return "sscd-" + name.replace("_", "-")
+    if "/sscd_triton/cli/" in run_as:
+        return f"python -m sscd_triton.cli.{name}"
     return f"python {script}"

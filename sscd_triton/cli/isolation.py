@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What isolating corrupt files costs, with and without DALI batching requests together.
 
-    python benchmarks/isolation.py                  # 0.1% and 1% corrupt, both servers
+    python benchmarks/isolation.py                  # 0.1% and 1% corrupt, three server kinds
     python benchmarks/isolation.py --images 5000 --rates 0.01
 
 Against a fake DALI server whose time is modelled (sscd_triton/bench/isolation.py): for

@@ -7,7 +7,8 @@
 
 Writes into --out (default benchmarks/results): perf-ensemble-TAG.csv and
 perf-descriptor-TAG.csv (perf_analyzer's CSV columns, one row per point, then Mode, Batch,
-Images/Second, Load Average and the composing models' mean batch / queue / compute),
+Images/Second, Stability %, Window ms, Load Average and the composing models' mean batch /
+queue / compute),
 inprocess-TAG.csv, machine-TAG.txt and throughput-latency-TAG.png. Prints the ratio of the
 served ensemble at its best concurrency to the in-process pipeline (decode + resize + ONNX
 Runtime, no server) on the same photographs. Exit status 0; 1 when a point could not be
@@ -46,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--admin-key", default=os.environ.get("SSCD_ADMIN_KEY"),
                    help=f"the server's admin key (docker/entrypoint.sh), sent as the header "
                         f"{spec.GRPC_ADMIN_HEADER}: perf_analyzer reads the model config, which "
-                        "the production server restricts (default: $SSCD_ADMIN_KEY)")
+                        "the production server restricts; it is on perf_analyzer's command "
+                        "line, visible to other users of this host (default: $SSCD_ADMIN_KEY)")
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8],
                    help="ensemble concurrency sweep (default 1,2,4,8)")
     p.add_argument("--rates", default="auto",

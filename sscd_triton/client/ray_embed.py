@@ -152,6 +152,10 @@ class EmbedPartition:
             client_side=config["client_side"], max_file_bytes=config["max_file_bytes"],
             max_request_bytes=config["max_request_bytes"])
         self.gave_up: str | None = None
+        # Found out once (a server batching DALI requests although the config read said
+        # not), kept for this actor's later partitions, and reported once to the driver.
+        self.batch_mates = config["batch_mates"]
+        self.notes: list[str] = []
 
     async def _endpoints(self, urls):
         return transport.Endpoints(urls, self.c["give_up_after"])
@@ -183,7 +187,8 @@ class EmbedPartition:
             on_result = _dying(store, sink)
         sender = transport.Sender(self.endpoints, c["model"], c["input"], c["dims"],
                                   on_result, sink.failure, c["timeout"],
-                                  headers=c["headers"], batch_mates=c["batch_mates"])
+                                  headers=c["headers"], batch_mates=self.batch_mates,
+                                  log=self.notes.append)
         problems = getattr(part, "problems", {})
         unit = pipeline.Unit([(line, problems.get(line)) for line in part.lines],
                              lambda: store.partition_seen(part.key, part.fingerprint,
@@ -205,12 +210,14 @@ class EmbedPartition:
         except (transport.Fatal, outio.OutputError) as e:
             return self._closed(store, part, "fatal", str(e))
         finally:
+            self.batch_mates = sender.batch_mates
             if not complete:
                 try:
                     store.close(complete=False)
                 except outio.WriteError:
                     pass
-        return (store.new_embedded, store.new_failed, stats.skipped), "done", ""
+        note, self.notes = " ".join(self.notes), []  # the Sender's, the first time it has one
+        return (store.new_embedded, store.new_failed, stats.skipped), "done", note
 
     @staticmethod
     def _closed(store, part, status, message):
@@ -402,6 +409,8 @@ def _run(args, embed) -> int:
                         progress.update(int(row["embedded"]), int(row["failed"]))
                         if row["status"] != "done":
                             statuses.setdefault(row["status"], []).append(str(row["message"]))
+                        elif row["message"]:  # a note (at most one per actor)
+                            log(str(row["message"]))
                 except Exception as e:  # noqa: BLE001  (Ray gave up on a task: resumable)
                     first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                     statuses.setdefault("unfinished", []).append(f"Ray: {first}")

@@ -30,7 +30,8 @@ This module holds the sender policy.
   the corrupt files a second a run absorbs (benchmarks/isolation.py measures it).
   `batch_mates=False`: the server runs each request as its own DALI batch (this
   project's gpu repository: `sscd_preprocess` has no dynamic batcher), so an error is
-  the request's own: no whole re-send, no lane, no jitter before the parts. That is the
+  the request's own: no whole re-send, no lane, a tenth of the jitter before the parts
+  (against lockstep, should the server batch them after all). That is the
   config's word, maybe another server's (one address, a rolling upgrade): a failed
   request whose parts all pass, or a lone image that fails then passes, shows requests
   batched together after all, and the Sender switches to `batch_mates=True` for good.
