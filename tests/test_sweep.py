@@ -77,23 +77,28 @@ def test_sweep_without_perf_analyzer_says_how_to_install(tmp_path):
     assert "perf_analyzer not found" in proc.stderr and "scripts/setup.sh" in proc.stderr
 
 
-def test_a_point_that_never_measures_is_tried_three_times_and_says_why(tmp_path):
-    """perf_analyzer's own failure lines (perf_analyzer/inference_profiler.cc) end each try;
-    the last try doubles the window, and the point keeps every try's reason."""
+def _failing_point(tmp_path, says: str):
+    """run_point against a fake perf_analyzer that runs the shell line `says` and exits 1:
+    the point, and each try's command line."""
     from sscd_triton.bench import sweep
 
     calls = tmp_path / "calls"
     fake = tmp_path / "perf_analyzer"
-    fake.write_text("#!/bin/sh\n"
-                    f"echo \"$@\" >> {calls}\n"
-                    "echo 'Failed to obtain stable measurement within 4 measurement windows "
-                    "for concurrency 1. Please try to increase the --measurement-interval.'\n"
-                    "exit 1\n")
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n{says}\nexit 1\n")
     fake.chmod(0o755)
-    point = sweep.run_point(str(fake), "127.0.0.1:1", "sscd", sweep.Point("ensemble", "concurrency", 1, 1),
-                            [], 1500, str(tmp_path), 30, 4)
+    point = sweep.run_point(str(fake), "127.0.0.1:1", "sscd",
+                            sweep.Point("ensemble", "concurrency", 1, 1), [], 1500,
+                            str(tmp_path), 30, 4)
+    return point, calls.read_text().splitlines()
+
+
+def test_a_point_that_never_measures_is_tried_three_times_and_says_why(tmp_path):
+    """perf_analyzer's own failure lines (perf_analyzer/inference_profiler.cc) end each try;
+    the last try doubles the window, and the point keeps every try's reason."""
+    point, tries = _failing_point(tmp_path, "echo 'Failed to obtain stable measurement within 4 "
+                                  "measurement windows for concurrency 1. Please try to increase "
+                                  "the --measurement-interval.'")
     assert not point.row
-    tries = calls.read_text().splitlines()
     assert len(tries) == 3
     assert ["--stability-percentage 25", "--stability-percentage 100", "--stability-percentage 100"] == [
         t[t.index("--stability-percentage"):].split(" --")[0] for t in tries]
@@ -132,17 +137,8 @@ def test_sweep_measures_a_server_restricted_as_in_production(perf_analyzer, trit
 def test_a_point_refused_for_good_is_not_tried_again(tmp_path):
     """A restricted protocol (core's words, through perf_analyzer) is not cured by a
     longer window: one try, its reason kept."""
-    from sscd_triton.bench import sweep
-
-    calls = tmp_path / "calls"
-    fake = tmp_path / "perf_analyzer"
-    fake.write_text("#!/bin/sh\n"
-                    f"echo \"$@\" >> {calls}\n"
-                    "echo \"error: failed to get model config: This protocol is restricted, "
-                    "expecting header 'triton-grpc-protocol-sscd-admin-key'\" >&2\n"
-                    "exit 1\n")
-    fake.chmod(0o755)
-    point = sweep.run_point(str(fake), "127.0.0.1:1", "sscd", sweep.Point("ensemble", "concurrency", 1, 1),
-                            [], 1500, str(tmp_path), 30, 4)
-    assert not point.row and len(calls.read_text().splitlines()) == 1
+    point, tries = _failing_point(tmp_path, "echo \"error: failed to get model config: This "
+                                  "protocol is restricted, expecting header "
+                                  "'triton-grpc-protocol-sscd-admin-key'\" >&2")
+    assert not point.row and len(tries) == 1
     assert "This protocol is restricted" in point.error
