@@ -54,7 +54,7 @@ def test_isolation_benchmark_accounts_for_every_image():
     for (kind, rate), r in rows.items():
         wrongly_failed, missed, switched = r[-3:]
         assert missed == "0"  # no corrupt image ever gets a descriptor
-        if kind != "told-per-request":
+        if kind == "per-request":  # batching requests together can fail a good one too
             assert wrongly_failed == "0"
         assert switched == ("yes" if kind == "told-per-request" and rate != "0.00%" else "-")
 
