@@ -64,7 +64,7 @@ class DaliServer:
         self.max_queue, self.exec_s, self.row_s = max_queue, exec_s, row_s
         self.per_request, self.instances = per_request, instances
         self.queue: list = []
-        self.requests = self.formed = self.failed_batches = self.busy = self.rows = 0
+        self.requests = self.formed = self.failed_batches = self.busy = 0
         self._workers: list[asyncio.Future] = []
 
     async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
@@ -100,7 +100,6 @@ class DaliServer:
             n = sum(len(rows) for rows, _ in batch)
             await asyncio.sleep(self.exec_s + self.row_s * n)
             self.formed += 1
-            self.rows += n
             bad = any(row_index(r) in self.corrupt for rows, _ in batch for r in rows)
             self.failed_batches += bad
             for rows, fut in batch:

@@ -50,6 +50,7 @@ def run(server_kind: str, images: int, corrupt_rate: float, batch: int, concurre
     `batch` images (`server_kind`: one of SERVERS); every image is accounted for exactly
     once (a result or a failure)."""
     per_request = server_kind == "per-request"
+    kind_told_otherwise = server_kind == "told-per-request"
     rng = np.random.default_rng(seed)
     random.seed(seed)  # the client's jitter: the same run twice gives the same table
     corrupt = set(rng.choice(images, int(round(images * corrupt_rate)), replace=False).tolist())
@@ -76,7 +77,7 @@ def run(server_kind: str, images: int, corrupt_rate: float, batch: int, concurre
                 await sender.send(queue.get_nowait())
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - t0, bool(sender.mixing_seen)
+        return time.perf_counter() - t0, sender.batch_mates and kind_told_otherwise
 
     seconds, switched = asyncio.run(go())
     bad = {str(k) for k in corrupt}

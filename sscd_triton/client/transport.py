@@ -19,8 +19,9 @@ This module holds the sender policy.
 - BATCH (DALI: one corrupt image fails the whole batch DALI ran): the request is split
   into `parts` parts, each sent on, and so on, until the bad image stands alone; a lone
   image failing is re-checked `rechecks` (2) more times after a short jitter (a
-  transient error is not a verdict) and fails only when every try failed. It runs beside the rest of the run: each bad image costs a few requests of its
-  own (about `parts` x log_parts(batch size), plus the re-checks), no pass at the end.
+  transient error is not a verdict) and fails only when every try failed. It runs beside
+  the rest of the run: each bad image costs a few requests of its own (about `parts` x
+  log_parts(batch size), plus the re-checks), no pass at the end.
   `batch_mates=True` (the default, safe for any server): the DALI model may batch
   requests together (dynamic batching), so the error may have been another request's
   image. The request is first re-sent whole once if `retry_whole`, after a jitter (so
@@ -31,8 +32,8 @@ This module holds the sender policy.
   `batch_mates=False`: the server runs each request as its own DALI batch (this
   project's gpu repository: `sscd_preprocess` has no dynamic batcher), so an error is
   the request's own: no whole re-send, no lane, a tenth of the jitter before the parts
-  (against lockstep, should the server batch them after all). That is the
-  config's word, maybe another server's (one address, a rolling upgrade): a failed
+  (against lockstep, should the server batch them after all). That is the config's
+  word, maybe another server's (one address, a rolling upgrade): a failed
   request whose parts all pass, or a lone image that fails then passes, shows requests
   batched together after all, and the Sender switches to `batch_mates=True` for good.
 - REJECT (INVALID_ARGUMENT "bad image: ...", a per-request verdict): split at the row
@@ -115,7 +116,6 @@ class Sender:
         self.lost_tries = lost_tries
         self.parts = parts
         self.log = log
-        self.mixing_seen = ""  # why the server was found to batch requests together after all
         self._set_batch_mates(batch_mates)
         self.max_rows = 0  # learnt from the server when its config could not be read
         self.requests = 0
@@ -137,7 +137,6 @@ class Sender:
         a rolling upgrade): isolate the safe way from now on."""
         if self.batch_mates:
             return
-        self.mixing_seen = why
         self._set_batch_mates(True)
         if self.log:
             self.log(f"note: {why}: the server batches requests together in DALI after all; "
