@@ -50,7 +50,9 @@ GEM_P = 3.0
 GEM_EPS = 1e-6
 L2_EPS = 1e-12
 ONNX_OPSET = 17
-PRECISIONS = ("fp32", "fp16")
+# int8: explicit Q/DQ, calibrated (sscd_triton.export.int8); the graph's input and output
+# stay float32 in every precision.
+PRECISIONS = ("fp32", "fp16", "int8")
 MIN_INPUT_SIZE = 32  # the trunk downsamples 32x: smaller inputs leave no feature map
 
 INPUT_NAME = "images"  # float32 [N, 3, H, W], normalised as above

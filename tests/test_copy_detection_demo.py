@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from sscd_triton import copyset
 from sscd_triton.cli import copy_detection
 
 BIN = os.path.dirname(sys.executable)
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_dataset_is_honest():
-    data = copy_detection.dataset()
+    data = copyset.dataset()
     refs = [r for r, _ in data["references"]]
-    assert len(refs) == 16 and len(data["queries"]) == 8 * len(copy_detection.EDITS)
+    assert len(refs) == 16 and len(data["queries"]) == 8 * len(copyset.EDITS)
     assert set(data["originals"]) | set(data["distractors"]) == set(refs)
     assert not set(data["originals"]) & set(data["distractors"])
     # every query's one ground-truth reference is its original, never a distractor

@@ -16,7 +16,7 @@ match to one is a false positive.
 Queries and references are embedded twice from the same encoded bytes: through the
 Triton `sscd` ensemble (a cpu repository built here from the checkpoint, or
 `--repository`), and by upstream's pipeline (PIL, torchvision transforms, the PyTorch
-model). Both are searched (faiss, exact inner product, top-k) and scored with the DISC
+model). Both are searched (exact inner product, top-k) and scored with the DISC
 metrics (uAP, acc@1, recall@P90), and dedup groups (pairs scoring >= the threshold,
 connected components) are found over references + queries.
 
@@ -36,105 +36,15 @@ import time
 
 import numpy as np
 
-from sscd_triton import images, samples, spec
+from sscd_triton import spec
 from sscd_triton.cli._help import DefaultsHelpFormatter
+from sscd_triton.copyset import EDITS, METRICS, dataset, evaluate
 
-METRICS = ("uAP", "acc@1", "recall@P90")
 DEFAULT_BOUND = 0.02
 DEFAULT_THRESHOLD = 0.75
 
 
-# --- the data set -----------------------------------------------------------------------
-
-def _text(img, label: str = "COPY  (c) 2024  sscd"):
-    from PIL import ImageDraw, ImageFont
-
-    img = img.copy()
-    w, h = img.size
-    try:
-        font = ImageFont.load_default(size=max(12, h // 9))
-    except TypeError:  # Pillow < 10.1: the small bitmap font
-        font = ImageFont.load_default()
-    draw = ImageDraw.Draw(img)
-    for i, y in enumerate((h // 10, h // 2, 4 * h // 5)):
-        draw.text((w // 20, y), label, fill=(255, 255, 0) if i % 2 else (255, 0, 255),
-                  font=font, stroke_width=2, stroke_fill=(0, 0, 0))
-    return img
-
-
-def _crop(img, frac: float):
-    w, h = img.size
-    cw, ch = round(w * frac), round(h * frac)
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return img.crop((left, top, left + cw, top + ch))
-
-
-def _jpeg(img, quality: int = 90) -> bytes:
-    return images.encode(img.convert("RGB") if img.mode not in ("RGB", "L") else img,
-                         "JPEG", quality=quality)
-
-
-def _edits():
-    from PIL import Image, ImageFilter
-
-    flip = Image.Transpose.FLIP_LEFT_RIGHT
-    return {
-        "jpeg30": lambda im: _jpeg(im, 30),
-        "crop70": lambda im: _jpeg(_crop(im, 0.7)),
-        "resize50": lambda im: _jpeg(im.resize((max(1, im.width // 2), max(1, im.height // 2)),
-                                               Image.Resampling.BILINEAR)),
-        "gray": lambda im: _jpeg(im.convert("L")),
-        "hflip": lambda im: _jpeg(im.transpose(flip)),
-        "blur2": lambda im: _jpeg(im.filter(ImageFilter.GaussianBlur(2))),
-        "text": lambda im: _jpeg(_text(im)),
-        "combo": lambda im: _jpeg(_text(_crop(im, 0.8).transpose(flip)), 40),
-    }
-
-
-EDITS = ("jpeg30", "crop70", "resize50", "gray", "hflip", "blur2", "text", "combo")
-
-
-def dataset(edits=EDITS) -> dict:
-    """`{"references": [(id, bytes)], "queries": [(id, bytes)], "ground_truth": {(q, r)},
-    "originals": [...], "distractors": [...], "source": {id: photograph}}`."""
-    table = _edits()
-    photos = samples.photographs()
-    originals = [name for name, _ in photos[0::2]]
-    distractors = [name for name, _ in photos[1::2]]
-    refs, source = [], {}
-    for path in samples.photograph_paths():  # the shipped bytes, as a user would hold them
-        name = os.path.basename(path)
-        with open(path, "rb") as f:
-            refs.append((name, f.read()))
-        source[name] = name
-    queries, gt = [], set()
-    for name, img in photos[0::2]:
-        for edit in edits:
-            qid = f"{os.path.splitext(name)[0]}.{edit}.jpg"
-            queries.append((qid, table[edit](img)))
-            gt.add((qid, name))
-            source[qid] = name
-    return {"references": refs, "queries": queries, "ground_truth": gt,
-            "originals": originals, "distractors": distractors, "source": source}
-
-
-# --- search, metrics, groups ------------------------------------------------------------
-
-def evaluate_path(q_ids, q_vecs, r_ids, r_vecs, ground_truth, k: int):
-    from sscd_triton.client import metrics, search
-
-    result = search.topk(search.Embeddings.from_arrays(q_ids, q_vecs, "queries"),
-                         search.Embeddings.from_arrays(r_ids, r_vecs, "references"), k=k)
-    qs, rs, ss = [], [], []
-    for qb, rb, sb in result:
-        for q, rrow, srow in zip(qb, rb, sb):
-            for r, s in zip(rrow, srow):
-                if r is not None:
-                    qs.append(q)
-                    rs.append(r)
-                    ss.append(float(s))
-    return metrics.evaluate(qs, rs, ss, ground_truth)
-
+# --- dedup groups ----------------------------------------------------------------------
 
 def dedup_groups(ids, vecs, source: dict, threshold: float, k: int) -> dict:
     """Groups of items (references + queries) linked by pairs scoring >= threshold."""
@@ -265,7 +175,7 @@ def main(argv=None) -> int:
            "descriptor_min_cosine": float(np.min(np.sum(served * reference, axis=1))),
            "paths": {}, "dedup": {}}
     for name, vecs in (("served", served), ("reference", reference)):
-        m = evaluate_path(q_ids, vecs[n:], r_ids, vecs[:n], data["ground_truth"], k)
+        m = evaluate(q_ids, vecs[n:], r_ids, vecs[:n], data["ground_truth"], k)
         out["paths"][name] = m.summary()
         out["dedup"][name] = dedup_groups(r_ids + q_ids, vecs, data["source"],
                                           args.threshold, args.k)

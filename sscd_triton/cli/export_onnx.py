@@ -2,6 +2,7 @@
 
     python export/export_onnx.py --checkpoint sscd_disc_mixup.torchscript.pt --output sscd.onnx
     python export/export_onnx.py --output sscd.onnx          # demo weights (untrained)
+    python export/export_onnx.py --checkpoint CKPT --precision int8 --calibration PHOTOS/ --output sscd8.onnx
 
 Exit status: 0 every check passed, 1 a parity bound failed, 2 bad input.
 """
@@ -27,19 +28,63 @@ def parse_args(argv=None) -> argparse.Namespace:
                    ".torchscript.pt (default: seeded untrained demo weights)")
     p.add_argument("--output", default="runs/sscd.onnx", help="the .onnx file to write")
     p.add_argument("--precision", choices=onnx_export.PRECISIONS, default="fp32",
-                   help="fp16 runs the trunk in half precision, GeM and L2 in fp32")
+                   help="fp16 runs the trunk in half precision, GeM and L2 in fp32; int8: "
+                   "the trunk quantised (explicit Q/DQ), calibrated on --calibration")
+    add_int8_arguments(p)
     p.add_argument("--static-size", type=int, metavar="S",
                    help="fix H = W = S (e.g. 320) for engines that want static shapes "
                    "(default: H and W dynamic)")
+    p.add_argument("--preprocess", choices=sorted(spec.PREPROCESS), default=None,
+                   help="the served preprocessing (int8 calibrates and is measured on it; "
+                   "default: square320, or short288's sizes are not fixed by --static-size)")
+    p.add_argument("--int8-target", choices=("cpu", "gpu"), default="cpu",
+                   help="int8: the Q/DQ form to write: cpu (uint8 activations, ONNX Runtime's "
+                   "fast kernels) or gpu (symmetric int8, what TensorRT takes)")
     p.add_argument("--dims", type=int, help="expected descriptor size; checked against the file")
     p.add_argument("--opset", type=int, default=spec.ONNX_OPSET,
                    help=f"ONNX opset, >= {spec.ONNX_OPSET}")
     return p.parse_args(argv)
 
 
+def add_int8_arguments(p: argparse.ArgumentParser) -> None:
+    """The int8 flags, shared with build_repository.py."""
+    from sscd_triton.export import int8
+
+    g = p.add_argument_group("int8")
+    g.add_argument("--calibration", metavar="DIR", help="int8: a folder of your own images "
+                   "(recursive) to calibrate on, read and preprocessed as served (default: the "
+                   "bundled photographs, a poor stand-in for your distribution)")
+    g.add_argument("--calibration-size", type=int, metavar="N", help="int8: calibrate on N "
+                   f"images of --calibration; fewer is an error (default: up to "
+                   f"{int8.DEFAULT_CALIBRATION_SIZE})")
+    g.add_argument("--calibration-method", choices=int8.METHODS, default=int8.DEFAULT_METHOD,
+                   help="int8: how activation ranges are chosen from the calibration images")
+
+
+def load_calibration(args, preprocess: spec.Preprocess, max_pixels: int = spec.MAX_IMAGE_PIXELS):
+    """The int8 calibration the flags ask for, or None when not int8 (flags then refused).
+    Raises int8.CalibrationError (exit 2)."""
+    from sscd_triton.export import int8
+
+    if args.precision != "int8":
+        if args.calibration or args.calibration_size is not None:
+            raise int8.CalibrationError("--calibration and --calibration-size are for "
+                                        "--precision int8")
+        return None
+    if args.calibration is None:
+        if args.calibration_size is not None:
+            raise int8.CalibrationError("--calibration-size needs --calibration DIR")
+        return int8.bundled_calibration(preprocess)
+    return int8.folder_calibration(args.calibration, preprocess, args.calibration_size,
+                                   max_pixels)
+
+
 def main(argv=None) -> int:
+    from sscd_triton.export import int8
+
     args = parse_args(argv)
-    report = Report("sscd-triton export: checkpoint -> ONNX, with parity against PyTorch", 4)
+    report = Report("sscd-triton export: checkpoint -> ONNX, with parity against PyTorch",
+                    5 if args.precision == "int8" else 4)
     try:
         if args.static_size is not None and args.static_size < spec.MIN_INPUT_SIZE:
             raise OutputError(
@@ -53,8 +98,16 @@ def main(argv=None) -> int:
         if source is None:
             source = demo.write_demo_checkpoint()
             report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
+        preprocess = spec.PREPROCESS[args.preprocess or spec.DEFAULT_PREPROCESS]
+        if args.static_size is not None and not preprocess.square:
+            raise OutputError(f"--static-size with --preprocess {preprocess.name}: "
+                              "short288 keeps the aspect ratio, so H and W vary")
+        if args.static_size is not None:
+            preprocess = spec.Preprocess(f"square{args.static_size}",
+                                         f"skew_{args.static_size}", args.static_size, True)
+        calibration = load_calibration(args, preprocess)
         loaded = checkpoints.load(source, args.dims)
-    except (checkpoints.CheckpointError, OutputError) as e:
+    except (checkpoints.CheckpointError, OutputError, int8.CalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     named = spec.published_model(source)
@@ -65,13 +118,16 @@ def main(argv=None) -> int:
                f"{loaded.parameters / 1e6:.1f}M parameters", checkpoint=source,
                layout=loaded.layout, trunk=loaded.trunk, dims=loaded.dims,
                demo=args.checkpoint is None)
-    onnx_export.export(loaded, args.output, args.precision, args.static_size, report, args.opset)
+    onnx_export.export(loaded, args.output, args.precision, args.static_size, report, args.opset,
+                       calibration=calibration, target=args.int8_target,
+                       method=args.calibration_method, preprocess=preprocess)
     report.table()
     json_path = os.path.splitext(args.output)[0] + ".parity.json"
     report.write_json(json_path)
     report.log(f"report written to {json_path}")
+    target = args.int8_target if args.precision == "int8" else "cpu"
     print(f"\nNext: {command('export/build_repository.py')} --onnx {shlex.quote(args.output)} "
-          f"--checkpoint {shlex.quote(source)} --target cpu --output runs/model_repository")
+          f"--checkpoint {shlex.quote(source)} --target {target} --output runs/model_repository")
     return 0 if report.passed else 1
 
 

@@ -1,4 +1,5 @@
-"""Checkpoint -> ONNX (fp32 or fp16), verified against PyTorch, written atomically."""
+"""Checkpoint -> ONNX (fp32, fp16 or calibrated int8), verified against PyTorch, written
+atomically."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,8 @@ PRECISIONS = spec.PRECISIONS
 
 def to_onnx(model: torch.nn.Module, static_size: int | None = None,
             precision: str = "fp32", opset: int = spec.ONNX_OPSET) -> onnx.ModelProto:
-    """Trace `model` (an SSCD or an upstream TorchScript module) to an ONNX graph.
+    """Trace `model` (an SSCD or an upstream TorchScript module) to an fp32 or fp16 ONNX
+    graph (int8 is quantised from the fp32 one: `export`).
 
     Input `images` float32 [N, 3, H, W] (H = W = static_size when given), output
     `descriptors` float32 [N, dims]; N, H, W dynamic unless fixed.
@@ -64,29 +66,96 @@ def io_checks(session, dims: int, static_size: int | None) -> list[Check]:
 
 
 def export(loaded: checkpoints.Loaded, output: str, precision: str, static_size: int | None,
-           report: Report, opset: int = spec.ONNX_OPSET) -> None:
-    """Write `output` atomically and add its checks to `report` (the caller prints it)."""
+           report: Report, opset: int = spec.ONNX_OPSET, *, calibration=None,
+           target: str = "cpu", method: str | None = None,
+           preprocess: spec.Preprocess | None = None) -> None:
+    """Write `output` atomically and add its checks to `report` (the caller prints it).
+
+    int8: `calibration` (export.int8.Calibration, preprocessed with `preprocess`) and
+    `target` ("cpu" or "gpu": the Q/DQ form its backend runs) are required; `method` is
+    the calibration method (default int8.DEFAULT_METHOD)."""
+    if precision == "int8":
+        return _export_int8(loaded, output, static_size, report, opset, calibration, target,
+                            method, preprocess)
     graph = to_onnx(loaded.model, static_size, precision, opset)
     data = graph.SerializeToString()
     session = runtime.onnx_session(data)  # a graph ONNX Runtime cannot load is not written
     files.write_atomic(output, data)
+    _log_written(output, precision, static_size, opset, report)
+    validate_onnx(session, loaded, precision, static_size, report)
+
+
+def _log_written(output: str, precision: str, static_size: int | None, opset: int,
+                 report: Report) -> None:
     size_mb = os.path.getsize(output) / 1e6
     shape = f"[N,3,{static_size},{static_size}]" if static_size else "[N,3,H,W] (N, H, W dynamic)"
     report.log(f"exported ONNX opset {opset} {precision} {shape}: {size_mb:.1f} MB -> {output}",
                onnx=output, precision=precision, opset=opset, static_size=static_size,
                size_mb=round(size_mb, 1))
-    validate_onnx(session, loaded, precision, static_size, report)
+
+
+def _export_int8(loaded, output, static_size, report, opset, calibration, target, method,
+                 preprocess) -> None:
+    """fp32 graph (checked against PyTorch) -> calibrated QDQ int8 graph, and what int8
+    costs against that fp32 graph on images calibration never saw."""
+    from sscd_triton.export import int8
+
+    if calibration is None or preprocess is None:
+        raise ValueError("int8 export needs a calibration and its preprocessing")
+    method = method or int8.DEFAULT_METHOD
+    fp32 = to_onnx(loaded.model, static_size, "fp32", opset).SerializeToString()
+    fp32_session = runtime.onnx_session(fp32)
+    report.log(f"traced the fp32 graph; calibrating int8 for the {target} target "
+               f"({int8.TARGET_ACTIVATIONS[target]} activations, int8 per-channel weights, "
+               f"{method}) on {calibration.describe()}", calibration=calibration.describe(),
+               calibration_images=len(calibration.tensors), calibration_method=method,
+               calibration_bundled=calibration.bundled, int8_target=target)
+    for path, why in calibration.skipped[:3]:
+        report.note(f"skipped {path}: {why}")
+    if len(calibration.skipped) > 3:
+        report.note(f"... and {len(calibration.skipped) - 3} more files skipped")
+    data = int8.quantize(fp32, calibration, target, method)
+    session = runtime.onnx_session(data)
+    files.write_atomic(output, data)
+    _log_written(output, "int8", static_size, opset, report)
+    report.add(io_checks(session, loaded.dims, static_size))
+    report.add([Check(f"fp32 graph vs PyTorch: {c.name}", c.ok, c.detail, c.bound, c.figures)
+                for c in validate.model_parity(runtime.onnx_runner(fp32_session),
+                                               validate.torch_runner(loaded.model), "fp32",
+                                               static_size)])
+    checks, figures = int8.cost_checks(runtime.onnx_runner(fp32_session),
+                                       runtime.onnx_runner(session), preprocess, calibration)
+    report.add(checks)
+    report.log(f"measured int8 against fp32 on {figures.get('held_out_photographs', 0)} "
+               f"held-out photographs and {figures.get('held_out_queries', 0)} edited copies "
+               f"({preprocess.upstream_name})", int8=figures)
 
 
 def validate_onnx(session, loaded: checkpoints.Loaded, precision: str, static_size: int | None,
-                  report: Report) -> None:
+                  report: Report, preprocess: spec.Preprocess | None = None) -> None:
     """Add the ONNX's names and shapes and its parity against the checkpoint's PyTorch
-    model (`session`: runtime.onnx_session of the graph) to `report`, and log the step."""
+    model (`session`: runtime.onnx_session of the graph) to `report`, and log the step.
+    An int8 graph is measured as `_export_int8` measures it, against PyTorch, on the
+    copy-detection set (`preprocess`, default square); its calibration images are unknown
+    here, so the report says the held-out set may include them."""
     import onnxruntime as ort
 
     report.add(io_checks(session, loaded.dims, static_size))
-    report.add(validate.model_parity(runtime.onnx_runner(session),
-                                     validate.torch_runner(loaded.model), precision, static_size))
+    if precision == "int8":
+        from sscd_triton.export import int8
+
+        pre = preprocess or spec.PREPROCESS[spec.DEFAULT_PREPROCESS]
+        report.note("int8 ONNX given: its calibration images are unknown, so the 'held-out' "
+                    "photographs below may include them")
+        checks, figures = int8.cost_checks(validate.torch_runner(loaded.model),
+                                           runtime.onnx_runner(session), pre,
+                                           int8.Calibration([], [], set()))
+        report.add(checks)
+        report.facts["int8"] = figures
+    else:
+        report.add(validate.model_parity(runtime.onnx_runner(session),
+                                         validate.torch_runner(loaded.model), precision,
+                                         static_size))
     report.log(f"validated with ONNX Runtime {ort.__version__} (ORT_ENABLE_ALL) against PyTorch "
                f"{torch.__version__} on real photographs", onnxruntime=ort.__version__,
                torch=torch.__version__)

@@ -1,0 +1,279 @@
+"""int8 descriptors: post-training quantisation of the exported fp32 ONNX into explicit
+QuantizeLinear/DequantizeLinear (QDQ) form, calibrated on images preprocessed exactly as
+served, and the report of what int8 costs against fp32 on images calibration never saw.
+
+Quantiser: ONNX Runtime's `quantize_static` (the field's stock tool; its QDQ graphs run on
+ONNX Runtime's CPU kernels and parse in TensorRT, whose int8 comes only from Q/DQ nodes
+since TensorRT 10 deprecated and 11 removed implicit calibration). Per target, because
+the backends differ:
+  cpu  uint8 activations (asymmetric), int8 per-channel weights: ONNX Runtime's x86 int8
+       kernels (VNNI/AMX) are u8 x s8; signed activations ran 2.7x slower here (measured,
+       README "int8").
+  gpu  int8 activations with zero point 0 (`ActivationSymmetric`), int8 per-channel
+       weights: TensorRT's Q/DQ layers take symmetric int8 only (TensorRT developer
+       guide, "Explicit Quantization": "only symmetric quantization ... zero-point must be
+       0"); built as a strongly typed network (sscd_triton.export.onnx_graph).
+The trunk runs int8; GeM, the Linear and L2 normalisation (everything after the trunk's
+final ReLU, export.fp16.trunk_end) stay fp32: GeM's x**3 and the unit norm are where
+rounding would show, and they are 0.02% of the FLOPs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sscd_triton import copyset, images, parity, samples, spec
+from sscd_triton.report import Check
+
+TARGET_ACTIVATIONS = {"cpu": "uint8", "gpu": "int8 symmetric"}
+METHODS = ("minmax", "percentile", "entropy")
+# Measured on the demo and the test weights (README "int8"): see DEFAULT_METHOD's note.
+DEFAULT_METHOD = "minmax"
+PERCENTILE = 99.999
+# Images a folder gives by default: calibration statistics settle well before this (ranges
+# are maxima over the set) and ONNX Runtime's calibrator holds every image's activations.
+DEFAULT_CALIBRATION_SIZE = 128
+BATCH = 8  # calibration batch for square preprocessing (short288 shapes differ: batch 1)
+
+# Bounds of the int8 report (vs the fp32 ONNX of the same checkpoint, on held-out images).
+# Measured on calibrated test weights (tests/conftest.py) and the 8 held-out photographs:
+# good quantisation (cpu) centred cosine 0.82, error / nearest other 0.48, top-1 8/8; gpu
+# (symmetric) 0.71 / 0.66 / 8/8; swapped activation scales -0.25..0.20 / 1.2..2.3 / 3-5 of
+# 8, calibration on one black image likewise. Random weights put every photograph close
+# to every other (NOTES: inter-image cosine 0.84-0.998), so these sit far looser than a
+# trained model needs and far tighter than a broken quantisation gives.
+INT8_CENTERED_COSINE_MIN = 0.5
+INT8_NEAREST_RATIO_MAX = 0.8
+# The issue's targets with trained weights (plain cosine to fp32; random weights pass it
+# trivially, so it is stated, not relied on) and copy-detection agreement with fp32.
+INT8_COSINE_MEAN_MIN = 0.98
+INT8_COSINE_MIN = 0.95
+INT8_METRIC_MAX_DELTA = 0.05
+
+
+class CalibrationError(ValueError):
+    """Calibration input that cannot be used (exit status 2): the message says why."""
+
+
+@dataclass
+class Calibration:
+    """Calibration tensors, float32 `[3, H, W]` each, preprocessed as served."""
+
+    tensors: list[np.ndarray]
+    sources: list[str]  # where each tensor came from
+    sha256: set[str]  # of the encoded files used, so that the report can hold them out
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    bundled: bool = False  # the package's photographs (no --calibration)
+
+    def describe(self) -> str:
+        where = ("the bundled photographs (8 distractor photographs x 4 variants); real "
+                 "images from your own distribution calibrate better: --calibration DIR"
+                 if self.bundled else f"{len(self.tensors)} images")
+        skipped = f", {len(self.skipped)} files skipped" if self.skipped else ""
+        return f"{len(self.tensors)} calibration images from {where}{skipped}"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def bundled_calibration(preprocess: spec.Preprocess) -> Calibration:
+    """The 8 distractor photographs of the copy-detection set, each as is, mirrored,
+    3/4-cropped and rotated by 10 degrees (32 images). The 8 originals and their 64 edits
+    stay out, for the report."""
+    from PIL import ImageOps
+
+    data = copyset.dataset(edits=())
+    refs = dict(data["references"])
+    photos = dict(samples.photographs())
+    tensors, sources = [], []
+    for name in data["distractors"]:
+        img = photos[name]
+        w, h = img.size
+        for label, v in (("", img), (" mirrored", ImageOps.mirror(img)),
+                         (" cropped", img.crop((0, 0, w * 3 // 4, h * 3 // 4))),
+                         (" rotated", img.rotate(10))):
+            tensors.append(images.to_tensor(v, preprocess))
+            sources.append(name + label)
+    return Calibration(tensors, sources, {_sha(refs[n]) for n in data["distractors"]},
+                       bundled=True)
+
+
+def folder_calibration(folder: str, preprocess: spec.Preprocess, size: int | None = None,
+                       max_pixels: int = spec.MAX_IMAGE_PIXELS) -> Calibration:
+    """Up to `size` (default DEFAULT_CALIBRATION_SIZE) images of `folder` (recursive), read
+    and preprocessed as the server does (images.load_tensor), drawn in a seeded shuffled
+    order so that no one subfolder fills the set. Raises CalibrationError for a missing
+    or empty folder, no decodable image, or fewer images than `size` asks for."""
+    flag = f"--calibration {folder}"
+    if not os.path.isdir(folder):
+        raise CalibrationError(f"{flag}: {'not a folder' if os.path.exists(folder) else 'no such folder'}")
+    paths = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names)
+    if not paths:
+        raise CalibrationError(f"{flag}: the folder holds no files")
+    if size is not None and size < 1:
+        raise CalibrationError(f"--calibration-size {size}: must be >= 1")
+    want = size or DEFAULT_CALIBRATION_SIZE
+    random.Random(0).shuffle(paths)
+    tensors, sources, shas, skipped = [], [], set(), []
+    for path in paths:
+        if len(tensors) == want:
+            break
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            tensors.append(images.load_tensor(data, preprocess, max_pixels))
+        except (OSError, images.ImageError) as e:
+            skipped.append((path, str(e)))
+            continue
+        sources.append(path)
+        shas.add(_sha(data))
+    if not tensors:
+        raise CalibrationError(f"{flag}: none of its {len(paths)} files is a decodable image "
+                               f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    if size is not None and len(tensors) < size:
+        raise CalibrationError(f"{flag}: {len(tensors)} decodable images, fewer than "
+                               f"--calibration-size {size} ({len(skipped)} files skipped)")
+    return Calibration(tensors, sources, shas, skipped)
+
+
+def _batches(tensors: list[np.ndarray]):
+    """Calibration feeds: stacks of BATCH when every tensor has one shape, else one each."""
+    step = BATCH if len({t.shape for t in tensors}) == 1 else 1
+    for i in range(0, len(tensors), step):
+        yield {spec.INPUT_NAME: np.stack(tensors[i:i + step])}
+
+
+def head_nodes(model) -> list[str]:
+    """Names of the nodes after the trunk's final ReLU (GeM, Linear, L2): kept fp32."""
+    from sscd_triton.export import fp16
+
+    g = model.graph
+    end = fp16.trunk_end(g)
+    for i, n in enumerate(g.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"  # the quantiser excludes nodes by name
+    return [n.name for n in g.node[end + 1:]]
+
+
+def quantize(fp32_onnx: bytes, calibration: Calibration, target: str,
+             method: str = DEFAULT_METHOD) -> bytes:
+    """The int8 QDQ graph of `fp32_onnx` (export_onnx's graph: `images` float32
+    [N,3,H,W] -> `descriptors` float32 [N,dims]; input and output stay float32) for
+    `target` ("cpu" or "gpu", see the module docstring), calibrated on `calibration`."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if target not in TARGET_ACTIVATIONS:
+        raise ValueError(f"target {target!r}: one of {', '.join(TARGET_ACTIVATIONS)}")
+    if method not in METHODS:
+        raise ValueError(f"calibration method {method!r}: one of {', '.join(METHODS)}")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = _batches(calibration.tensors)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    symmetric = target == "gpu"
+    extra = {"ActivationSymmetric": symmetric}
+    if method == "percentile":
+        extra["CalibPercentile"] = PERCENTILE
+    with tempfile.TemporaryDirectory(prefix="sscd-int8-") as tmp:
+        src, pre, out = (os.path.join(tmp, f) for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        with open(src, "wb") as f:
+            f.write(fp32_onnx)
+        # Shape inference: the quantiser needs every tensor's shape. No graph optimisation
+        # here (the exporter already folded BatchNorm into the convolutions, and ONNX
+        # Runtime fuses the rest when it loads the QDQ graph); it would reorder the nodes
+        # that trunk_end finds the head by.
+        quant_pre_process(src, pre, skip_optimization=True)
+        model = onnx.load(pre)
+        exclude = head_nodes(model)
+        onnx.save(model, pre)
+        quantize_static(
+            pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+            calibrate_method={"minmax": CalibrationMethod.MinMax,
+                              "percentile": CalibrationMethod.Percentile,
+                              "entropy": CalibrationMethod.Entropy}[method],
+            extra_options=extra)
+        graph = onnx.load(out)
+    graph.producer_name = "sscd-triton"
+    onnx.checker.check_model(graph)
+    return graph.SerializeToString()
+
+
+# --- what int8 costs ----------------------------------------------------------------------
+
+def _held_out(calibration: Calibration) -> dict:
+    """The copy-detection set without any photograph calibration used (by content)."""
+    data = copyset.dataset()
+    used = {name for name, b in data["references"] if _sha(b) in calibration.sha256}
+    data["references"] = [(n, b) for n, b in data["references"] if n not in used]
+    data["queries"] = [(q, b) for q, b in data["queries"] if data["source"][q] not in used]
+    data["ground_truth"] = {(q, r) for q, r in data["ground_truth"] if r not in used}
+    data["originals"] = [n for n in data["originals"] if n not in used]
+    data["distractors"] = [n for n in data["distractors"] if n not in used]
+    return data
+
+
+def _describe(run, encoded: list[bytes], preprocess: spec.Preprocess) -> np.ndarray:
+    xs = [images.load_tensor(b, preprocess) for b in encoded]
+    if preprocess.square:
+        return np.concatenate([run(np.stack(xs[i:i + BATCH])) for i in range(0, len(xs), BATCH)])
+    return np.concatenate([run(x[None]) for x in xs])
+
+
+def cost_checks(fp32_run, int8_run, preprocess: spec.Preprocess,
+                calibration: Calibration) -> tuple[list[Check], dict]:
+    """What int8 costs against fp32 (`*_run`: float32 [N,3,H,W] -> [N,dims]) on the
+    copy-detection set less every photograph `calibration` used: descriptor agreement on
+    the held-out photographs, plain cosine to fp32 over them and their edited copies, and
+    uAP / acc@1 / recall@P90 of both side by side. Returns (checks, figures)."""
+    data = _held_out(calibration)
+    if len(data["originals"]) < 2:
+        return [Check("int8 vs fp32", None, "n/a: calibration used the bundled originals")], {}
+    refs, queries = data["references"], data["queries"]
+    encoded = [b for _, b in refs] + [b for _, b in queries]
+    ref32 = _describe(fp32_run, encoded, preprocess)
+    ref8 = _describe(int8_run, encoded, preprocess)
+    n = len(refs)
+    photos = parity.measure(ref8[:n], ref32[:n])
+    cos = np.sum(ref8 * ref32, axis=1)
+    r_ids, q_ids = [i for i, _ in refs], [i for i, _ in queries]
+    m32 = copyset.evaluate(q_ids, ref32[n:], r_ids, ref32[:n], data["ground_truth"], 10).summary()
+    m8 = copyset.evaluate(q_ids, ref8[n:], r_ids, ref8[:n], data["ground_truth"], 10).summary()
+    delta = {k: m8[k] - m32[k] for k in copyset.METRICS}
+    figures = {"held_out_photographs": n, "held_out_queries": len(queries),
+               "parity": photos.as_dict(), "cosine_mean": float(cos.mean()),
+               "cosine_min": float(cos.min()), "fp32": {k: m32[k] for k in copyset.METRICS},
+               "int8": {k: m8[k] for k in copyset.METRICS}, "delta": delta}
+    checks = [
+        Check(f"int8 vs fp32: centred cosine (min, {n} held-out photographs)",
+              photos.centered_cosine_min >= INT8_CENTERED_COSINE_MIN,
+              f"{photos.centered_cosine_min:.4f}", f">= {INT8_CENTERED_COSINE_MIN}"),
+        Check("int8 vs fp32: error / nearest other photograph (max)",
+              photos.nearest_ratio_max <= INT8_NEAREST_RATIO_MAX,
+              f"{photos.nearest_ratio_max:.4f}", f"<= {INT8_NEAREST_RATIO_MAX}"),
+        Check("int8 vs fp32: top-1 agreement", photos.top1_all, f"{photos.top1}/{photos.n}", "all"),
+        Check(f"int8 vs fp32: cosine mean / min ({len(cos)} held-out images)",
+              bool(cos.mean() >= INT8_COSINE_MEAN_MIN and cos.min() >= INT8_COSINE_MIN),
+              f"{cos.mean():.4f} / {cos.min():.4f}",
+              f">= {INT8_COSINE_MEAN_MIN} / {INT8_COSINE_MIN}"),
+    ]
+    for k in copyset.METRICS:
+        checks.append(Check(f"copy detection {k}: fp32 -> int8 ({len(queries)} queries)",
+                            bool(abs(delta[k]) <= INT8_METRIC_MAX_DELTA),
+                            f"{m32[k]:.4f} -> {m8[k]:.4f} ({delta[k]:+.4f})",
+                            f"|diff| <= {INT8_METRIC_MAX_DELTA}"))
+    return checks, figures
