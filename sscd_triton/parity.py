@@ -64,18 +64,21 @@ def measure(candidate: np.ndarray, reference: np.ndarray) -> Parity:
     )
 
 
-def pipeline_bounds(resampled: bool = False) -> tuple[float, float]:
+def pipeline_bounds(resampled: bool = False, int8: bool = False) -> tuple[float, float]:
     """(centred cosine min, nearest ratio max): `resampled` for pixels from another
-    decoder/resizer than PIL's (spec explains the difference)."""
+    decoder/resizer than PIL's, `int8` for a quantised model (spec explains both; int8's
+    bounds, the loosest, cover it on either decoder)."""
+    if int8:
+        return spec.INT8_CENTERED_COSINE_MIN, spec.INT8_NEAREST_RATIO_MAX
     if resampled:
         return spec.RESAMPLED_CENTERED_COSINE_MIN, spec.RESAMPLED_NEAREST_RATIO_MAX
     return spec.CENTERED_COSINE_MIN, spec.NEAREST_RATIO_MAX
 
 
-def pipeline_failures(p: Parity, resampled: bool = False) -> list[str]:
+def pipeline_failures(p: Parity, resampled: bool = False, int8: bool = False) -> list[str]:
     """Bounds for a changed pipeline (fp16; `resampled`: another decoder or resizer than
-    PIL's): empty when all hold."""
-    cos_min, ratio_max = pipeline_bounds(resampled)
+    PIL's; `int8`: a quantised model): empty when all hold."""
+    cos_min, ratio_max = pipeline_bounds(resampled, int8)
     out = []
     if p.centered_cosine_min < cos_min:
         out.append(f"centered cosine {p.centered_cosine_min:.5f} < {cos_min}")
@@ -92,20 +95,21 @@ def exact_failures(p: Parity, bound: float = spec.FP32_MAX_ABS) -> list[str]:
 
 
 def checks(name: str, p: Parity, exact: bool, resampled: bool = False,
-           per_measure: bool = False, also: list[str] | None = None) -> list[Check]:
+           per_measure: bool = False, also: list[str] | None = None,
+           int8: bool = False) -> list[Check]:
     """Report rows for `p` with their bounds: the one place parity becomes checks.
 
     `exact`: the same computation on another runtime (fp32 model parity), bounded by
     `exact_failures`; else a changed pipeline (fp16, or other pixels), bounded by
-    `pipeline_failures(p, resampled)`. One row `name` holding every measure; with
+    `pipeline_failures(p, resampled, int8)`. One row `name` holding every measure; with
     `per_measure` (pipeline bounds only) a row per bound, named by its measure after
     `name`. `also`: further failures of the same candidate (e.g. non-unit norms), which
     fail the single row."""
-    fails = (exact_failures(p) if exact else pipeline_failures(p, resampled)) + list(also or ())
+    fails = (exact_failures(p) if exact else pipeline_failures(p, resampled, int8)) + list(also or ())
     if exact:
         detail, bound = f"max|diff| {p.max_abs:.1e}", f"<= {spec.FP32_MAX_ABS:.0e}"
     else:
-        cos_min, ratio_max = pipeline_bounds(resampled)
+        cos_min, ratio_max = pipeline_bounds(resampled, int8)
         if per_measure:
             prefix = f"{name}: " if name else ""
             return [

@@ -3,6 +3,7 @@
     python export/build_repository.py --checkpoint CKPT --target cpu --output runs/model_repository
     python export/build_repository.py --onnx sscd.onnx --checkpoint CKPT --target cpu --output runs/model_repository
     python export/build_repository.py --target gpu --configs-only --output model_repository
+    python export/build_repository.py --checkpoint CKPT --target cpu --precision int8 --calibration PHOTOS/ --output runs/model_repository
 
 gpu: DALI preprocessing (`sscd_preprocess/1/dali.py`, autoserialized by the server's DALI)
 + the descriptor ONNX (fp16 by default) with a plan build recipe: the serving container
@@ -23,6 +24,7 @@ import sys
 
 from sscd_triton import spec
 from sscd_triton.cli._help import DefaultsHelpFormatter
+from sscd_triton.cli.export_onnx import add_int8_arguments, load_calibration
 from sscd_triton.export import onnx_export
 from sscd_triton.serving import build, repository
 
@@ -41,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="runs/model_repository", help="repository folder")
     p.add_argument("--precision", choices=onnx_export.PRECISIONS, default=None,
                    help="precision of the exported ONNX (default: fp16 for the gpu target's "
-                   "TensorRT plan, whose GeM/Linear/L2 stay fp32; fp32 otherwise)")
+                   "TensorRT plan, whose GeM/Linear/L2 stay fp32; fp32 otherwise); int8: the "
+                   "trunk quantised in the target's Q/DQ form, calibrated on --calibration")
+    add_int8_arguments(p)
     p.add_argument("--descriptor", choices=repository.DESCRIPTORS, default="tensorrt",
                    help="gpu: tensorrt (a plan built at container start) or the onnxruntime "
                    "fallback (TensorRT EP, fp32 with TF32 off)")
@@ -65,14 +69,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from sscd_triton.export import int8
+
     args = parse_args(argv)
     try:
+        if args.preprocess not in spec.PREPROCESS:
+            raise build.BuildError(f"--preprocess {args.preprocess}: one of "
+                                   f"{', '.join(sorted(spec.PREPROCESS))}")
+        calibration = None
+        if args.onnx or args.configs_only:
+            if args.calibration or args.calibration_size is not None:
+                raise build.BuildError("--calibration with --onnx or --configs-only: nothing "
+                                       "is exported here to calibrate (export_onnx.py "
+                                       "calibrates the int8 ONNX it writes)")
+        else:
+            calibration = load_calibration(args, spec.PREPROCESS[args.preprocess],
+                                           args.max_pixels)
         built = build.build_repository(
             args.output, args.target, args.checkpoint, onnx=args.onnx, plan=args.plan,
             precision=args.precision, descriptor=args.descriptor, preprocess=args.preprocess,
             max_batch=args.max_batch, max_pixels=args.max_pixels, dims=args.dims,
-            configs_only=args.configs_only, postprocess=args.postprocess, stream=sys.stdout)
-    except (build.BuildError, OSError) as e:
+            configs_only=args.configs_only, postprocess=args.postprocess,
+            calibration=calibration, calibration_method=args.calibration_method,
+            stream=sys.stdout)
+    except (build.BuildError, int8.CalibrationError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.configs_only:

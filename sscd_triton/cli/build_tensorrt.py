@@ -8,8 +8,9 @@
 
 The plan's precision is its ONNX's (a strongly typed network, the only kind TensorRT 11
 builds): the fp16 ONNX gives an fp16 plan with GeM, the Linear and L2 in fp32, the fp32
-ONNX an fp32 plan with TF32 off. `--precision` defaults to that; naming the other one is
-refused. Needs TensorRT 10 or 11 and a CUDA GPU; a plan runs only on the GPU model and
+ONNX an fp32 plan with TF32 off, the int8 ONNX (`export_onnx.py --precision int8
+--int8-target gpu`: explicit Q/DQ, symmetric) an int8 plan, explicitly quantised, no
+calibrator. `--precision` defaults to that; naming another one is refused. Needs TensorRT 10 or 11 and a CUDA GPU; a plan runs only on the GPU model and
 TensorRT version that built it. Exit status: 0 ok, 1 a parity check failed, 2 bad input
 (checked before TensorRT is looked for), 3 TensorRT or GPU unavailable (no plan written).
 Details in sscd_triton/export/: trt_errors.py (exit statuses), onnx_graph.py (what the
@@ -47,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "PyTorch (without it parity is skipped)")
     p.add_argument("--precision", choices=("auto", *onnx_graph.PRECISIONS), default="auto",
                    help="auto (default): the ONNX's. fp16 needs the ONNX from export_onnx.py "
-                   "--precision fp16 (fp16 trunk, fp32 GeM/Linear/L2); fp32 the fp32 ONNX")
+                   "--precision fp16 (fp16 trunk, fp32 GeM/Linear/L2); int8 its --precision int8 "
+                   "--int8-target gpu output; fp32 the fp32 ONNX")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=64)
@@ -114,9 +116,17 @@ def parity(trt, engine, prep: Prepared) -> list[Check]:
     run, static_size, note = trt_profile.parity_size(prep.shapes)
     if not run:
         return [Check("parity", None, note)]
-    checks = validate.model_parity(trt_build.plan_runner(trt, engine, prep.shapes),
-                                   validate.torch_runner(prep.loaded.model), prep.precision,
-                                   static_size)
+    plan_run = trt_build.plan_runner(trt, engine, prep.shapes)
+    if prep.precision == "int8":  # measured as the int8 export measures it, against PyTorch
+        from sscd_triton.export import int8
+
+        size = static_size or spec.PREPROCESS["square320"].size
+        pre = spec.Preprocess(f"square{size}", f"skew_{size}", size, square=True)
+        checks, _ = int8.cost_checks(validate.torch_runner(prep.loaded.model), plan_run, pre,
+                                     int8.Calibration([], [], set()))
+        return checks
+    checks = validate.model_parity(plan_run, validate.torch_runner(prep.loaded.model),
+                                   prep.precision, static_size)
     for c in checks:
         if c.ok is None and note:  # small_288 skipped because of the profile, not a fixed size
             c.detail = note
@@ -157,6 +167,9 @@ def main(argv=None) -> int:
                size_mb=round(size_mb, 1), timing_cache=built.cache_note)
     if prep.precision == "fp16":
         report.note("types from the ONNX: trunk fp16; GeM, Linear and L2 fp32 (its Cast island)")
+    elif prep.precision == "int8":
+        report.note("types from the ONNX: trunk int8 (explicit Q/DQ scales); GeM, Linear and "
+                    "L2 fp32")
     report.note(built.cache_note)
     runtime = trt.Runtime(logger)  # kept referenced while the engine is in use
     engine = runtime.deserialize_cuda_engine(built.plan)

@@ -296,6 +296,7 @@ async def _model_facts(client, model: str, headers: dict | None) -> dict:
     info["sscd_model"] = _parameter(cfg, spec.PARAM_MODEL_NAME)
     info["weights_sha256"] = _parameter(cfg, spec.PARAM_WEIGHTS_SHA256)
     info["preprocess"] = _parameter(cfg, spec.PARAM_PREPROCESS)
+    info["precision"] = _parameter(cfg, spec.PARAM_PRECISION)
     # DALI (the gpu target) decodes and resizes otherwise than PIL: --check-parity then
     # applies the resampled-pipeline bounds (sscd_triton/spec.py).
     # A DALI model behind a dynamic batcher fails other requests' images with a corrupt
@@ -403,6 +404,7 @@ async def run(args) -> int:
             meta = {"model": args.model, "model_version": info.get("version"),
                     "sscd_model": info.get("sscd_model"),
                     "weights_sha256": info.get("weights_sha256"), "dims": info["dims"],
+                "precision": info.get("precision"),
                     "preprocess": mode.name, "preprocess_on": args.preprocess,
                     "urls": list(args.url)}
             if outio.is_npz(args.output):
@@ -486,19 +488,23 @@ async def run(args) -> int:
           f"({sender.requests} requests); {args.output} holds {store.embedded} descriptors, "
           f"{store.failed} failures in {outio.failures_path(args.output)}", flush=True)
     status = EXIT_FAILURES if store.failed else EXIT_OK
-    return with_parity(args, status, mode, not client_side and info.get("resampled", False))
+    return with_parity(args, status, mode, not client_side and info.get("resampled", False),
+                       info.get("precision") == "int8")
 
 
-def with_parity(args, status: int, mode: spec.Preprocess, resampled: bool) -> int:
+def with_parity(args, status: int, mode: spec.Preprocess, resampled: bool,
+                int8: bool = False) -> int:
     """`status`, or EXIT_PARITY when --check-parity's bound fails on the finished output
-    (`resampled`: the server decodes/resizes otherwise than PIL, see spec)."""
+    (`resampled`: the server decodes/resizes otherwise than PIL; `int8`: it serves an int8
+    model; see spec)."""
     if not args.check_parity:
         return status
     from sscd_triton.client import parity_check
 
     try:
         ok = parity_check.check(args.output, args.check_parity, args.checkpoint, mode,
-                                args.max_file_bytes, args.seed, resampled=resampled)
+                                args.max_file_bytes, args.seed, resampled=resampled,
+                                int8=int8)
     except parity_check.ParityUsageError as e:
         raise UsageError(str(e)) from None
     return status if ok else EXIT_PARITY

@@ -67,8 +67,11 @@ CREATED_BY = "sscd-triton embed.py"
 # What produced the descriptors; runs writing into one output must agree (identity_conflict).
 # "postprocess": set by `sscd-postprocess apply` (unknown for raw descriptors), so raw
 # descriptors are never appended to a transformed output of the same width.
+# "precision" (fp32, fp16, int8; spec.PARAM_PRECISION) is compared only when both sides
+# know it: outputs written before it was recorded resume as before (their weights
+# fingerprint already tells another precision's ONNX apart).
 IDENTITY_KEYS = ("model", "model_version", "sscd_model", "weights_sha256", "preprocess",
-                 "preprocess_on", "dims", "postprocess")
+                 "preprocess_on", "dims", "postprocess", "precision")
 
 
 class OutputError(Exception):
@@ -115,14 +118,18 @@ def identity(meta: dict) -> dict:
 def describe(ident: dict) -> str:
     w = ident["weights_sha256"]
     w = w[:12] if w != UNKNOWN else "unknown"
-    return (f"{ident['model']} v{ident['model_version']} ({ident['sscd_model']}, weights {w}, "
-            f"{ident['preprocess']} on the {ident['preprocess_on']}, {ident['dims']} dims)")
+    precision = "" if ident["precision"] == UNKNOWN else f"{ident['precision']}, "
+    return (f"{ident['model']} v{ident['model_version']} ({ident['sscd_model']}, {precision}"
+            f"weights {w}, {ident['preprocess']} on the {ident['preprocess_on']}, "
+            f"{ident['dims']} dims)")
 
 
 def identity_conflict(recorded: dict, current: dict) -> bool:
     """Whether descriptors of `current` must not join an output of `recorded`."""
     a, b = identity(recorded), identity(current)
-    keys = [k for k in IDENTITY_KEYS if k != "model_version"]
+    keys = [k for k in IDENTITY_KEYS if k not in ("model_version", "precision")]
+    if UNKNOWN not in (a["precision"], b["precision"]):
+        keys.append("precision")
     if UNKNOWN in (a["weights_sha256"], b["weights_sha256"]):
         keys.append("model_version")  # no fingerprint: the version must match too
     return any(a[k] != b[k] for k in keys)

@@ -46,12 +46,13 @@ def sample(output: str, n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
 
 def check(output: str, n: int, checkpoint: str, preprocess: spec.Preprocess,
           max_file_bytes: int = 64 << 20, seed: int = 0, stream=None,
-          resampled: bool = False) -> bool:
+          resampled: bool = False, int8: bool = False) -> bool:
     """Print the parity table for `n` sampled inputs of `output`; True when it passes.
 
     `resampled`: the server decodes or resizes otherwise than PIL (the gpu target's DALI
     pipeline: nvJPEG and its own resize), so the resampled-pipeline bounds apply
-    (`parity.pipeline_bounds`); False for PIL preprocessing (the cpu target)."""
+    (`parity.pipeline_bounds`); False for PIL preprocessing (the cpu target). `int8`: the
+    server runs an int8 model, held to int8's bounds against fp32 PyTorch."""
     import torch
 
     from sscd_triton.export import checkpoints
@@ -95,11 +96,12 @@ def check(output: str, n: int, checkpoint: str, preprocess: spec.Preprocess,
         report.table()
         return False
     p = parity.measure(served[kept], np.stack(refs))
-    report.add(parity.checks("", p, exact=False, resampled=resampled, per_measure=True))
+    report.add(parity.checks("", p, exact=False, resampled=resampled, per_measure=True,
+                             int8=int8))
     report.note(f"max |served - reference| {p.max_abs:.2e} (not bounded: fp16 engines and "
                 "GPU decoders differ more than fp32 on the CPU)")
     report.table()
-    failures = parity.pipeline_failures(p, resampled)
+    failures = parity.pipeline_failures(p, resampled, int8)
     if failures:
         print("parity FAILED: " + "; ".join(failures), file=stream)
     return report.passed and not failures

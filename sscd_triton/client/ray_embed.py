@@ -347,6 +347,7 @@ def _run(args, embed) -> int:
         meta = {"model": args.model, "model_version": info.get("version"),
                 "sscd_model": info.get("sscd_model"),
                 "weights_sha256": info.get("weights_sha256"), "dims": info["dims"],
+                "precision": info.get("precision"),
                 "preprocess": mode.name, "preprocess_on": args.preprocess,
                 "urls": list(args.url)}
         store = outio.ShardStore(args.output, meta, args.shard_size, args.flush_seconds,
@@ -453,4 +454,5 @@ def _run(args, embed) -> int:
           f"{store.embedded} descriptors, {store.failed} failures in "
           f"{outio.failures_path(args.output)}", flush=True)
     status = embed.EXIT_FAILURES if store.failed else embed.EXIT_OK
-    return embed.with_parity(args, status, mode, not client_side and info.get("resampled", False))
+    return embed.with_parity(args, status, mode, not client_side and info.get("resampled", False),
+                             info.get("precision") == "int8")

@@ -40,17 +40,11 @@ PERCENTILE = 99.999
 DEFAULT_CALIBRATION_SIZE = 128
 BATCH = 8  # calibration batch for square preprocessing (short288 shapes differ: batch 1)
 
-# Bounds of the int8 report (vs the fp32 ONNX of the same checkpoint, on held-out images).
-# Measured on calibrated test weights (tests/conftest.py) and the 8 held-out photographs:
-# good quantisation (cpu) centred cosine 0.82, error / nearest other 0.48, top-1 8/8; gpu
-# (symmetric) 0.71 / 0.66 / 8/8; swapped activation scales -0.25..0.20 / 1.2..2.3 / 3-5 of
-# 8, calibration on one black image likewise. Random weights put every photograph close
-# to every other (NOTES: inter-image cosine 0.84-0.998), so these sit far looser than a
-# trained model needs and far tighter than a broken quantisation gives.
-INT8_CENTERED_COSINE_MIN = 0.5
-INT8_NEAREST_RATIO_MAX = 0.8
-# The targets with trained weights (plain cosine to fp32; random weights pass it
-# trivially, so it is stated, not relied on) and copy-detection agreement with fp32.
+# Bounds of the int8 report, against the fp32 ONNX of the same checkpoint on held-out
+# images: the discriminative ones (centred cosine, error / nearest other, top-1) live in
+# spec with their measurements; beside them the targets with trained weights (plain cosine
+# to fp32: random weights pass it whatever int8 does, so it is stated, not relied on) and
+# copy-detection agreement with fp32 (64 queries: one query is 0.016 of acc@1).
 INT8_COSINE_MEAN_MIN = 0.98
 INT8_COSINE_MIN = 0.95
 INT8_METRIC_MAX_DELTA = 0.05
@@ -258,14 +252,8 @@ def cost_checks(fp32_run, int8_run, preprocess: spec.Preprocess,
                "parity": photos.as_dict(), "cosine_mean": float(cos.mean()),
                "cosine_min": float(cos.min()), "fp32": {k: m32[k] for k in copyset.METRICS},
                "int8": {k: m8[k] for k in copyset.METRICS}, "delta": delta}
-    checks = [
-        Check(f"int8 vs fp32: centred cosine (min, {n} held-out photographs)",
-              photos.centered_cosine_min >= INT8_CENTERED_COSINE_MIN,
-              f"{photos.centered_cosine_min:.4f}", f">= {INT8_CENTERED_COSINE_MIN}"),
-        Check("int8 vs fp32: error / nearest other photograph (max)",
-              photos.nearest_ratio_max <= INT8_NEAREST_RATIO_MAX,
-              f"{photos.nearest_ratio_max:.4f}", f"<= {INT8_NEAREST_RATIO_MAX}"),
-        Check("int8 vs fp32: top-1 agreement", photos.top1_all, f"{photos.top1}/{photos.n}", "all"),
+    checks = parity.checks(f"int8 vs fp32 ({n} held-out photographs)", photos, exact=False,
+                           per_measure=True, int8=True) + [
         Check(f"int8 vs fp32: cosine mean / min ({len(cos)} held-out images)",
               bool(cos.mean() >= INT8_COSINE_MEAN_MIN and cos.min() >= INT8_COSINE_MIN),
               f"{cos.mean():.4f} / {cos.min():.4f}",

@@ -10,12 +10,18 @@ precision of a plan is the precision of its ONNX:
         (export/fp16.py). TensorRT builds exactly those types; `half_precision_head`
         refuses an fp16 graph whose GeM or normalisation would run in half precision
         (`clamp(x) ** 3` overflows there, NVIDIA/TensorRT#1954).
+  int8  the ONNX from `export_onnx.py --precision int8 --int8-target gpu`: explicit
+        Quantize/DequantizeLinear around the trunk's layers, int8 with zero point 0
+        (TensorRT's Q/DQ takes symmetric int8 only; `int8_problems` refuses the cpu form,
+        whose activations are uint8), GeM/Linear/L2 fp32. No calibrator and no implicit
+        int8 flags: TensorRT 10 deprecated and 11 removed them.
 """
 from __future__ import annotations
 
 import os
 
 import onnx
+from onnx import numpy_helper
 
 from sscd_triton import spec
 from sscd_triton.export.trt_errors import InputError
@@ -28,10 +34,16 @@ _F16 = onnx.TensorProto.FLOAT16
 HEAD_OPS = ("Pow", "ReduceMean", "Gemm", "MatMul", "ReduceL2", "Div")
 
 
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
 def onnx_precision(model: onnx.ModelProto) -> str:
-    """"fp16" when the graph computes in half precision anywhere (fp16 weights or a Cast
-    to fp16, as export_onnx --precision fp16 writes it), else "fp32"."""
+    """"int8" when the graph holds Quantize/DequantizeLinear nodes (export_onnx --precision
+    int8), "fp16" when it computes in half precision anywhere (fp16 weights or a Cast to
+    fp16, as export_onnx --precision fp16 writes it), else "fp32"."""
     g = model.graph
+    if any(n.op_type in _QDQ for n in g.node):
+        return "int8"
     if any(i.data_type == _F16 for i in g.initializer):
         return "fp16"
     for n in g.node:
@@ -63,18 +75,35 @@ def half_precision_head(model: onnx.ModelProto) -> list[str]:
             if n.op_type in HEAD_OPS and any(types.get(i) == _F16 for i in n.input)]
 
 
+def int8_problems(model: onnx.ModelProto) -> list[str]:
+    """Why TensorRT cannot build this Q/DQ graph as is: zero points that are not int8 or
+    not 0 (TensorRT developer guide, "Explicit Quantization": symmetric int8 only). Empty
+    for export_onnx's `--int8-target gpu` graph."""
+    inits = {i.name: i for i in model.graph.initializer}
+    bad = set()
+    for n in model.graph.node:
+        if n.op_type in _QDQ and len(n.input) > 2 and n.input[2] in inits:
+            z = numpy_helper.to_array(inits[n.input[2]])
+            if z.dtype != "int8" or z.any():
+                bad.add(f"{z.dtype} zero points" if z.dtype != "int8" else "non-zero zero points")
+    return [f"Q/DQ with {b}" for b in sorted(bad)]
+
+
 def resolve_precision(requested: str, model: onnx.ModelProto, path: str) -> str:
     """The plan's precision: the ONNX's. `requested` "auto" takes it; an explicit one must
     match it (a strongly typed build cannot change it), else InputError (exit 2)."""
     holds = onnx_precision(model)
     if requested not in ("auto", holds):
-        if requested == "fp16":
-            raise InputError(f"--precision fp16: --onnx {path} is an fp32 graph and TensorRT "
-                             "builds the types the ONNX holds; export the fp16 graph with "
-                             "export/export_onnx.py --precision fp16 and build from it")
-        raise InputError(f"--precision {requested}: --onnx {path} is an fp16 graph (its trunk "
-                         "runs in half precision in any plan built from it); build from the "
-                         "fp32 ONNX, or drop --precision")
+        raise InputError(f"--precision {requested}: --onnx {path} is an {holds} graph "
+                         "and TensorRT builds the types the ONNX holds (strongly typed); "
+                         f"export the {requested} graph with export/export_onnx.py --precision "
+                         f"{requested} and build from it, or drop --precision")
+    if holds == "int8":
+        problems = int8_problems(model)
+        if problems:
+            raise InputError(f"--onnx {path} is the cpu form of int8 ({', '.join(problems)}); "
+                             "TensorRT takes symmetric int8 only: export it with "
+                             "export/export_onnx.py --precision int8 --int8-target gpu")
     if holds == "fp16":
         half = half_precision_head(model)
         if half:

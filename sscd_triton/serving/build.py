@@ -121,8 +121,9 @@ def plan_problems(plan: str, max_batch: int, preprocess: spec.Preprocess) -> lis
 @dataclass(frozen=True)
 class OnnxFacts:
     dims: int
-    precision: str  # "fp16" when the trunk's weights are half, else "fp32"
+    precision: str  # onnx_graph.onnx_precision: "int8" (Q/DQ), "fp16" or "fp32"
     static_size: int | None  # H = W fixed at export, or None when dynamic
+    int8_problems: list[str]  # why TensorRT cannot build its Q/DQ (the cpu form of int8)
 
 
 def inspect_onnx(path: str, dims: int | None, preprocess: spec.Preprocess) -> OnnxFacts:
@@ -176,17 +177,26 @@ def inspect_onnx(path: str, dims: int | None, preprocess: spec.Preprocess) -> On
     if static and static != preprocess.size:
         raise BuildError(f"{name}: fixed {static}x{static} input, {preprocess.name} gives "
                          f"{preprocess.size}x{preprocess.size}")
-    half = any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
-    return OnnxFacts(int(y[1]), "fp16" if half else "fp32", static)
+    from sscd_triton.export import onnx_graph
+
+    return OnnxFacts(int(y[1]), onnx_graph.onnx_precision(model), static,
+                     onnx_graph.int8_problems(model))
 
 
 # --- the build ---------------------------------------------------------------------------
 def _check_arguments(target, descriptor, preprocess, max_batch, max_pixels, plan, onnx,
-                     configs_only, postprocess=None) -> None:
+                     configs_only, postprocess=None, precision=None) -> None:
     if target not in repository.TARGETS:
         raise BuildError(f"target {target!r}: one of {', '.join(repository.TARGETS)}")
     if descriptor not in repository.DESCRIPTORS:
         raise BuildError(f"--descriptor {descriptor}: one of {', '.join(repository.DESCRIPTORS)}")
+    if precision is not None and precision not in spec.PRECISIONS:
+        raise BuildError(f"--precision {precision}: one of {', '.join(spec.PRECISIONS)}")
+    if precision == "int8" and target == "gpu" and descriptor == "onnxruntime":
+        # onnxruntime's TensorRT EP needs its own int8 switch (trt_int8_enable), which maps
+        # onto the implicit-int8 builder flag TensorRT 11 removed.
+        raise BuildError("--precision int8 on the gpu target is served by the tensorrt "
+                         "backend (an explicitly quantised plan); drop --descriptor onnxruntime")
     if preprocess not in spec.PREPROCESS:
         raise BuildError(f"--preprocess {preprocess}: one of {', '.join(sorted(spec.PREPROCESS))}")
     if max_batch < 1:
@@ -212,17 +222,19 @@ def _check_arguments(target, descriptor, preprocess, max_batch, max_pixels, plan
             raise BuildError("; ".join(problems))
 
 
-def _steps(target: str, checkpoint: bool, onnx: bool, postprocess: bool = False) -> int:
+def _steps(target: str, checkpoint: bool, onnx: bool, postprocess: bool = False,
+           int8: bool = False) -> int:
     model = 1 if checkpoint else 0
-    artifact = (1 + model) if onnx else 2  # copy (+ validation), or export + validation
+    # copy (+ validation), or export + validation (int8: calibration + export + measures)
+    artifact = (1 + model) if onnx else 3 if int8 else 2
     return model + artifact + (1 if target == "gpu" else 0) + 1 + (1 if postprocess else 0)
 
 
 def new_report(target: str, *, checkpoint: bool = True, onnx: bool = False,
-               postprocess: bool = False, stream=None) -> Report:
+               postprocess: bool = False, int8: bool = False, stream=None) -> Report:
     """The report `build_repository` logs to (the CLI passes one printing to stdout)."""
     return Report(f"sscd-triton repository: checkpoint -> Triton model repository ({target})",
-                  _steps(target, checkpoint, onnx, postprocess), stream=stream)
+                  _steps(target, checkpoint, onnx, postprocess, int8), stream=stream)
 
 
 def _load_postprocess(path: str):
@@ -264,12 +276,14 @@ def _append_postprocess(onnx_path: str, params, pre: spec.Preprocess, report: Re
                       {"max_abs": worst})])
 
 
-def _validate(loaded, onnx_path: str, precision: str, static: int | None, report: Report) -> None:
+def _validate(loaded, onnx_path: str, precision: str, static: int | None, report: Report,
+              pre: spec.Preprocess) -> None:
     """The ONNX's names, shapes and parity against the checkpoint's PyTorch model."""
     from sscd_triton import runtime
     from sscd_triton.export import onnx_export
 
-    onnx_export.validate_onnx(runtime.onnx_session(onnx_path), loaded, precision, static, report)
+    onnx_export.validate_onnx(runtime.onnx_session(onnx_path), loaded, precision, static, report,
+                              pre)
 
 
 def build_repository(output: str, target: str = "gpu", checkpoint: str | None = None, *,
@@ -278,6 +292,7 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
                      preprocess: str = spec.DEFAULT_PREPROCESS, max_batch: int | None = None,
                      max_pixels: int = spec.MAX_IMAGE_PIXELS, dims: int | None = None,
                      configs_only: bool = False, postprocess: str | None = None,
+                     calibration=None, calibration_method: str | None = None,
                      report: Report | None = None, stream=None) -> Built:
     """Write the Triton model repository `output` for `target` ("gpu" or "cpu").
 
@@ -285,7 +300,9 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
     or `onnx`, an already exported one, is checked and copied (then parity is measured
     only when `checkpoint` is given too). `plan` (gpu): serve this TensorRT plan instead of
     building one at container start. `precision`: of the exported ONNX (default fp16 for
-    the gpu TensorRT path, fp32 otherwise). `configs_only`: configs without model files,
+    the gpu TensorRT path, fp32 otherwise; "int8" needs `calibration`, an
+    export.int8.Calibration made with this `preprocess`, and quantises in the target's Q/DQ
+    form, `calibration_method` as export.int8.METHODS). `configs_only`: configs without model files,
     identity "unknown" (the committed model_repository/). `postprocess`: a params file of
     `sscd-postprocess fit`, appended to the served ONNX after the parity checks (which
     compare raw descriptors), with a check that the served graph equals the client-side
@@ -299,12 +316,15 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
     if max_batch is None:
         max_batch = 64 if target == "gpu" else 16
     _check_arguments(target, descriptor, preprocess, max_batch, max_pixels, plan, onnx,
-                     configs_only, postprocess)
+                     configs_only, postprocess, precision)
+    if calibration is not None and precision != "int8":
+        raise BuildError("--calibration is for --precision int8")
     params = _load_postprocess(postprocess) if postprocess else None
     common = dict(target=target, preprocess=preprocess, max_batch=max_batch,
                   max_pixels=max_pixels, descriptor=descriptor, prebuilt_plan=bool(plan))
     if configs_only:
         serving = ServingConfig(dims=dims or 512, **common,
+                                precision=precision or ("fp16" if fast else "fp32"),
                                 model_name=model_name(checkpoint) if checkpoint else repository.UNKNOWN)
         return Built(output, serving, repository.write_configs(output, serving))
 
@@ -330,6 +350,10 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
         if precision and precision != facts.precision:
             raise BuildError(f"--precision {precision} contradicts --onnx {onnx}, which is "
                              f"{facts.precision}")
+        if facts.int8_problems and fast:
+            raise BuildError(f"--onnx {onnx} is the cpu form of int8 "
+                             f"({', '.join(facts.int8_problems)}); TensorRT takes symmetric "
+                             "int8 only: export it with --precision int8 --int8-target gpu")
     raw_dims = facts.dims if facts is not None else loaded.dims
     if params is not None and params.dims_in != raw_dims:
         raise BuildError(f"--postprocess {postprocess} takes {params.dims_in}-d descriptors; "
@@ -337,7 +361,8 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
     # Nothing contradicts the build from here on: the report starts.
     if report is None:
         report = new_report(target, checkpoint=loaded is not None, onnx=onnx is not None,
-                            postprocess=params is not None, stream=stream or io.StringIO())
+                            postprocess=params is not None, int8=precision == "int8",
+                            stream=stream or io.StringIO())
     if loaded is not None:
         if checkpoint is None:
             report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
@@ -350,22 +375,27 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
                    f"{f'{static}x{static}' if static else 'H x W dynamic'}) {onnx} -> {onnx_path}",
                    onnx=onnx, precision=precision, static_size=static)
         if loaded is not None:
-            _validate(loaded, onnx_path, precision, static, report)
+            _validate(loaded, onnx_path, precision, static, report, pre)
         served_dims = facts.dims
     else:
         from sscd_triton.export import onnx_export
 
         precision = precision or ("fp16" if fast else "fp32")
+        if precision == "int8" and calibration is None:
+            from sscd_triton.export import int8
+
+            calibration = int8.bundled_calibration(pre)
         # Square preprocessing fixes the tensor shape: give engines a static H and W.
         static = pre.size if (target == "gpu" and pre.square) else None
-        onnx_export.export(loaded, onnx_path, precision, static, report)
+        onnx_export.export(loaded, onnx_path, precision, static, report, calibration=calibration,
+                           target=target, method=calibration_method, preprocess=pre)
         served_dims = loaded.dims
     if params is not None:
         _append_postprocess(onnx_path, params, pre, report)
         served_dims = params.dims_out
 
     identity = model_name(checkpoint if checkpoint is not None or onnx is None else onnx)
-    serving = ServingConfig(dims=served_dims, model_name=identity,
+    serving = ServingConfig(dims=served_dims, model_name=identity, precision=precision,
                             weights_sha256=sha256_file(onnx_path), **common)
     if target == "gpu":
         from sscd_triton.serving import dali_pipeline

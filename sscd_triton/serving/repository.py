@@ -62,6 +62,7 @@ class ServingConfig:
     max_inflight: int = 0  # ensemble backpressure; 0 = 4 x max_batch
     model_name: str = UNKNOWN  # spec.PARAM_MODEL_NAME: e.g. "sscd_disc_mixup"
     weights_sha256: str = UNKNOWN  # spec.PARAM_WEIGHTS_SHA256: of the descriptor ONNX
+    precision: str = UNKNOWN  # spec.PARAM_PRECISION: of the descriptor ONNX
 
     @property
     def image_dims(self) -> list[int]:
@@ -129,9 +130,10 @@ def _param(cfg: mc.ModelConfig, key: str, value) -> None:
 
 
 def _identity(cfg: mc.ModelConfig, serving: ServingConfig) -> None:
-    """Which weights and preprocessing answer: the same three keys in every config."""
+    """Which weights, precision and preprocessing answer: the same keys in every config."""
     _param(cfg, spec.PARAM_MODEL_NAME, serving.model_name)
     _param(cfg, spec.PARAM_WEIGHTS_SHA256, serving.weights_sha256)
+    _param(cfg, spec.PARAM_PRECISION, serving.precision)
     _param(cfg, spec.PARAM_PREPROCESS, serving.preprocess)
 
 

@@ -1,7 +1,8 @@
 """Triton python-backend model: the exported ONNX descriptor model on ONNX Runtime (cpu).
 
 The same `model.onnx` the gpu target serves with the onnxruntime/TensorRT backends.
-Config parameters: `onnx_file` (beside this file's version folder) and `threads`.
+Config parameters: `onnx_file` (beside this file's version folder) and `threads` (0: the
+instance's CPU share, runtime.cpu_share). fp32, fp16 and int8 (Q/DQ) graphs alike.
 Input `spec.INPUT_NAME` float32 `[B, 3, H, W]`, output `spec.OUTPUT_NAME` `[B, dims]`.
 Requests of one dynamic batch whose tensors share a shape run as one ONNX Runtime call.
 """
