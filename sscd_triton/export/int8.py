@@ -12,7 +12,8 @@ the backends differ:
   gpu  int8 activations with zero point 0 (`ActivationSymmetric`), int8 per-channel
        weights: TensorRT's Q/DQ layers take symmetric int8 only (TensorRT developer
        guide, "Explicit Quantization": "only symmetric quantization ... zero-point must be
-       0"); built as a strongly typed network (sscd_triton.export.onnx_graph).
+       0"), biases left float; built as a strongly typed network
+       (sscd_triton.export.onnx_graph).
 The trunk runs int8; GeM, the Linear and L2 normalisation (everything after the trunk's
 final ReLU, export.fp16.trunk_end) stay fp32: GeM's x**3 and the unit norm are where
 rounding would show, and they are 0.02% of the FLOPs.
@@ -178,7 +179,9 @@ def quantize(fp32_onnx: bytes, calibration: Calibration, target: str,
             return next(self.feeds, None)
 
     symmetric = target == "gpu"
-    extra = {"ActivationSymmetric": symmetric}
+    # gpu: biases stay float (TensorRT folds them into its int8 kernels itself; its Q/DQ
+    # layers take int8, not the int32 DequantizeLinear ONNX Runtime writes for biases).
+    extra = {"ActivationSymmetric": symmetric, "QuantizeBias": not symmetric}
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
     with tempfile.TemporaryDirectory(prefix="sscd-int8-") as tmp:
