@@ -62,6 +62,14 @@ def test_whole_files_pass_and_cut_ones_are_refused_with_a_reason(kind):
             assert why and "truncated" in why, (kind, label, why)
 
 
+def test_the_package_exposes_the_check():
+    import sscd_triton
+
+    assert sscd_triton.check_complete is images.check_complete
+    with pytest.raises(ValueError, match="^truncated PNG"):
+        sscd_triton.check_complete(_files()["png"][:-5])
+
+
 def test_jpeg_with_data_after_its_end_passes():
     """Motion photos carry a video after the JPEG's EOI; decoders stop at EOI."""
     data = _files()["jpeg"]
