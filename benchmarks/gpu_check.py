@@ -21,8 +21,15 @@ is not installed (a GPU machine with a bare checkout); with `pip install -e .` (
    antialias) and normalised, against the PIL reference `sscd_triton.images.load_tensor`,
    with the fp32 model and end to end with the fp16 model; pipeline bounds (centred cosine,
    ratio to the nearest other image, top-1);
-3. throughput: batched decode alone and decode + resize + normalise; the fp16 channels-last
-   model at 320 x 320, batch 64/128/256, eager and replayed as a plain `torch.cuda.CUDAGraph`.
+3. cut and corrupt JPEGs (issue 16): each decoded by `decode_jpeg` on the device right after
+   a whole photograph (nvJPEG's hardware path returned cut JPEGs without an error, holding
+   the earlier image's pixels) and run through `images.check_complete`, the check every
+   serving path runs before any decoder: a cut file passes when the decoder raised or the
+   check refused it; a corrupt scan (structure whole) is reported, not bounded;
+4. throughput: batched decode alone and decode + resize + normalise; decode of large
+   photographs (2 and 12 megapixels, baseline and progressive, batch 16); the fp16
+   channels-last model at 320 x 320, batch 64/128/256, eager and replayed as a plain
+   `torch.cuda.CUDAGraph`.
 
 Prints one table (device named above it) and writes one JSON with --out. Weights: the
 project's demo weights (seeded, BatchNorm statistics estimated: untrained, meaningless for
@@ -328,6 +335,48 @@ def decode_checks(photos, model32, model16, ref_run, device: str,
                                    resampled=True)]
 
 
+# --- cut and corrupt JPEGs ------------------------------------------------------------
+def truncation_cases(img) -> list[tuple[str, bytes, bool]]:
+    """(label, bytes, cut) of one photograph as JPEG (baseline, progressive) cut at 50% and
+    90%, alone and zero-padded past its length (a request row), and corrupt: 64 bytes of
+    its scan overwritten mid-file (structure whole: `cut` False)."""
+    out = []
+    for kind, params in (("baseline", {}), ("progressive", {"progressive": True})):
+        data = images.encode(img, "JPEG", quality=JPEG_QUALITY, **params)
+        for frac in (0.5, 0.9):
+            cut = data[: int(len(data) * frac)]
+            out.append((f"{kind} cut at {frac:.0%}", cut, True))
+            out.append((f"{kind} cut at {frac:.0%}, zero-padded", cut + b"\0" * (len(data) - len(cut)), True))
+        mid = len(data) // 2
+        out.append((f"{kind} corrupt scan", data[:mid] + bytes(range(1, 65)) + data[mid + 64:], False))
+    return out
+
+
+def truncation_checks(good: bytes, cases, decode) -> list:
+    """A Check per case: `decode(list of uint8 tensors)` on [good, case] (raises or returns)
+    and `images.check_complete(case)`. Cut files must be caught by one of the two; corrupt
+    scans are informational (what the decoder does is the finding)."""
+    from sscd_triton.report import Check
+    checks = []
+    first = torch.frombuffer(bytearray(good), dtype=torch.uint8)
+    for label, data, cut in cases:
+        try:
+            out = decode([first, torch.frombuffer(bytearray(data), dtype=torch.uint8)])
+            decoder = f"decoder: no error ({'x'.join(map(str, out[-1].shape))})"
+            raised = False
+        except (RuntimeError, ValueError) as e:
+            decoder, raised = f"decoder: raised ({str(e).splitlines()[0][:80]})", True
+        try:
+            images.check_complete(data)
+            check, refused = "check: passed", False
+        except images.ImageError as e:
+            check, refused = f"check: refused ({e})", True
+        ok = (raised or refused) if cut else None
+        checks.append(Check(f"JPEG {label}", ok, f"{decoder}; {check}",
+                            "caught by the decoder or the check" if cut else "reported"))
+    return checks
+
+
 # --- timing ----------------------------------------------------------------------------
 def _sync(device):
     if device == "cuda":
@@ -400,6 +449,39 @@ def decode_throughput(photos, args, clock: Clock, box_s: float) -> list[dict]:
                 rows.append({"kind": kind, "batch": b, "skipped": str(e).splitlines()[0]})
                 continue
             r = _row(kind, b, times, megapixels_per_batch=round(mp, 2))
+            r["megapixels_per_s"] = round(mp / (r["ms_median"] / 1e3), 1)
+            rows.append(r)
+    return rows
+
+
+LARGE_SIZES = {"2MP": (1632, 1224), "12MP": (4000, 3000)}
+
+
+def large_decode_throughput(img, args, box_s: float, batch: int = 16) -> list[dict]:
+    """Decode of large photographs: one photograph upscaled to each of LARGE_SIZES, as
+    baseline and progressive JPEG, `batch` per call (upscaled photographs compress better
+    than camera ones: bytes per pixel are lower, pixels per second are what compares)."""
+    device = args.device
+    rows, end = [], time.perf_counter() + box_s
+    per_row = box_s / (2 * len(LARGE_SIZES))
+    for name, size in LARGE_SIZES.items():
+        big = img.resize(size)
+        for kind, params in (("baseline", {}), ("progressive", {"progressive": True})):
+            what = f"decode {name} {kind}"
+            if time.perf_counter() + 1 > end:
+                rows.append({"kind": what, "batch": batch, "skipped": "time box"})
+                continue
+            data = images.encode(big, "JPEG", quality=JPEG_QUALITY, **params)
+            t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            try:
+                times = time_loop(device, lambda: decode_batch([t] * batch, device), args.iters,
+                                  min(args.warmup, 2), min(end, time.perf_counter() + per_row),
+                                  wall=True)
+            except (RuntimeError, ValueError) as e:
+                rows.append({"kind": what, "batch": batch, "skipped": str(e).splitlines()[0]})
+                continue
+            mp = batch * size[0] * size[1] / 1e6
+            r = _row(what, batch, times, megapixels_per_batch=round(mp, 2))
             r["megapixels_per_s"] = round(mp / (r["ms_median"] / 1e3), 1)
             rows.append(r)
     return rows
@@ -553,9 +635,17 @@ def main(argv=None) -> int:
     reserve = 5.0  # report writing
     decode_rows: list[dict] = []
     model_rows: list[dict] = []
+    with clock.phase("cut and corrupt JPEGs (decode_jpeg on the device, check_complete)", checks):
+        img = photos[0][1]
+        checks += truncation_checks(images.encode(photos[1][1], "JPEG", quality=JPEG_QUALITY),
+                                    truncation_cases(img), lambda ts: decode_batch(ts, device))
     with clock.phase("decode throughput", checks):
         decode_rows = decode_throughput(photos, args, clock,
                                         max(0.0, min(60.0, 0.25 * (clock.left() - reserve))))
+    with clock.phase("decode throughput, large photographs", checks):
+        decode_rows += large_decode_throughput(photos[0][1], args,
+                                               max(0.0, min(60.0, 0.2 * (clock.left() - reserve))),
+                                               batch=2 if args.smoke else 16)
     with clock.phase("model throughput (fp16 channels-last, eager and CUDA graph)", checks):
         model_rows = model_throughput(model16, args, clock, max(0.0, clock.left() - reserve))
     passed = all(c.ok is not False for c in checks)

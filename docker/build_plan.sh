@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build sscd_descriptor/1/model.plan at container start, with this image's TensorRT on the
 # GPU that serves it (a plan runs only with the TensorRT version and GPU family that built
-# it), cached on the volume under a key of GPU name, TensorRT version, model.onnx and the
+# it), cached on the volume under a key of GPU name, TensorRT version and build, model.onnx and the
 # build recipe: rebuilt only when one of them changes.
 #
 #   docker/build_plan.sh [REPOSITORY]      (default /models; docker/entrypoint.sh calls it)
@@ -45,10 +45,14 @@ gpu=$(sort -u <<<"$gpus" | sed '/^[[:space:]]*$/d')
 [[ $(wc -l <<<"$gpu") -eq 1 ]] \
   || fail "GPUs of different models are visible ($(paste -sd, <<<"$gpu")): a plan serves one; pick one with NVIDIA_VISIBLE_DEVICES"
 
-# trtexec opens every run with "&&&& RUNNING TensorRT.trtexec [TensorRT v101300] # ...".
+# trtexec opens every run with "&&&& RUNNING TensorRT.trtexec [TensorRT v101300] [b23] # ...":
+# the version, then the build number (two builds of one version can differ in kernels and
+# tactics: a plan is keyed on both). An older trtexec without the build number keys on "-".
 banner=$("$trtexec" --help 2>&1 || true)
 [[ $banner =~ TensorRT\ v([0-9]+) ]] || fail "$trtexec --help did not name its TensorRT version"
 trt=${BASH_REMATCH[1]}
+trt_build=-
+[[ $banner =~ \[TensorRT\ v[0-9]+\]\ \[b([0-9]+)\] ]] && trt_build=${BASH_REMATCH[1]}
 
 mapfile -t flags < <(grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$recipe")
 for f in "${flags[@]}"; do
@@ -57,7 +61,7 @@ done
 
 onnx_sha=$(sha256sum "$onnx" | cut -d' ' -f1)
 recipe_sha=$(sha256sum "$recipe" | cut -d' ' -f1)
-key=$(printf 'gpu=%s\ntensorrt=%s\nonnx=%s\nrecipe=%s\n' "$gpu" "$trt" "$onnx_sha" "$recipe_sha" \
+key=$(printf 'gpu=%s\ntensorrt=%s\nbuild=%s\nonnx=%s\nrecipe=%s\n' "$gpu" "$trt" "$trt_build" "$onnx_sha" "$recipe_sha" \
   | sha256sum | cut -c1-24)
 plan="$cache/sscd-$key.plan"
 mkdir -p "$cache" || fail "cannot create the plan cache $cache (mount a writable volume there)"
@@ -70,18 +74,18 @@ if command -v flock >/dev/null; then
 fi
 
 if [[ -s $plan ]]; then
-  log "reusing cached TensorRT plan $plan ($gpu, TensorRT v$trt, model.onnx ${onnx_sha:0:12})"
+  log "reusing cached TensorRT plan $plan ($gpu, TensorRT v$trt build $trt_build, model.onnx ${onnx_sha:0:12})"
 else
   build_log="$cache/sscd-$key.build.log"
   tmp="$plan.tmp.$$"
-  log "building TensorRT plan for $gpu with TensorRT v$trt (model.onnx ${onnx_sha:0:12}): takes minutes; cached in $cache for later starts; log $build_log"
+  log "building TensorRT plan for $gpu with TensorRT v$trt build $trt_build (model.onnx ${onnx_sha:0:12}): takes minutes; cached in $cache for later starts; log $build_log"
   start=$SECONDS
   if "$trtexec" --onnx="$onnx" --saveEngine="$tmp" --skipInference \
        --timingCacheFile="$cache/timing-v$trt-${gpu//[^A-Za-z0-9]/_}.cache" \
        "${flags[@]}" >"$build_log" 2>&1 && [[ -s $tmp ]]; then
     mv -f "$tmp" "$plan"
-    printf 'gpu=%s\ntensorrt=%s\nonnx_sha256=%s\nrecipe_sha256=%s\nflags=%s\nseconds=%s\n' \
-      "$gpu" "$trt" "$onnx_sha" "$recipe_sha" "${flags[*]}" "$((SECONDS - start))" >"$plan.txt"
+    printf 'gpu=%s\ntensorrt=%s\nbuild=%s\nonnx_sha256=%s\nrecipe_sha256=%s\nflags=%s\nseconds=%s\n' \
+      "$gpu" "$trt" "$trt_build" "$onnx_sha" "$recipe_sha" "${flags[*]}" "$((SECONDS - start))" >"$plan.txt"
     log "built $plan in $((SECONDS - start)) s"
   else
     status=$?

@@ -11,6 +11,15 @@ key=${SSCD_ADMIN_KEY:?set SSCD_ADMIN_KEY: it guards the shared-memory, repositor
 repo=${SSCD_MODEL_REPOSITORY:-/models}
 admin="shared-memory,model-repository,model-config,statistics,trace,logging:sscd-admin-key=${key}"
 /usr/local/bin/sscd-build-plan "$repo"
+# Memory pools and gRPC threads sized for this repository (its max batch, in-flight bound and
+# image shape), one flag per line: sscd/server.args, written by export/build_repository.py
+# (sscd_triton/serving/repository.py sized_server_flags: --cuda-memory-pool-byte-size for
+# max_inflight x max_batch x 3x320x320 float32 intermediates, --pinned-memory-pool-byte-size,
+# --grpc-infer-thread-count). A repository without it gets Triton's defaults.
+sized=()
+if [[ -f $repo/sscd/server.args ]]; then
+  mapfile -t sized < <(grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$repo/sscd/server.args")
+fi
 # --disable-auto-complete-config: else the DALI backend adds a dynamic batcher to
 # sscd_preprocess, and one corrupt image fails other requests' images too
 # (sscd_triton/serving/repository.py GPU_SERVER_FLAGS).
@@ -20,4 +29,5 @@ exec tritonserver --model-repository="$repo" \
   --exit-timeout-secs=30 \
   --grpc-restricted-protocol="$admin" \
   --http-restricted-api="$admin" \
+  "${sized[@]}" \
   "$@"

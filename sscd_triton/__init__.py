@@ -4,14 +4,21 @@
 client (a Parquet folder, an `.npz`, a version-1 folder of numpy shards):
 `ids, embeddings = load_embeddings(path)`. It needs numpy (and pyarrow for folders),
 never torch; `load_failures(path)` gives the failure records ({"id", "reason"}).
+`check_complete(data)` raises ValueError naming the reason unless `data` is one whole
+encoded image (zero padding allowed): the check every serving path runs before decoding
+(`sscd_triton.images.check_complete`).
 """
 from __future__ import annotations
 
-__all__ = ["load_embeddings", "load_failures"]
+__all__ = ["load_embeddings", "load_failures", "check_complete"]
 
 
 def __getattr__(name: str):
     # Lazy: importing the package (spec, files, ...) must not import the client.
+    if name == "check_complete":
+        from sscd_triton import images
+
+        return images.check_complete
     if name in __all__:
         from sscd_triton.client import io
 

@@ -107,6 +107,13 @@ ENSEMBLE_INPUT = "image"  # TYPE_UINT8 [-1]: the encoded file bytes, one image p
 ENSEMBLE_OUTPUT = OUTPUT_NAME
 PREPROCESS_MODEL = "sscd_preprocess"
 DESCRIPTOR_MODEL = "sscd_descriptor"
+# gpu only: the python-backend step ahead of DALI that refuses incomplete files
+# (images.check_complete); it passes the input on as CHECKED_NAME, uint8 [-1].
+CHECK_MODEL = "sscd_check"
+CHECKED_NAME = "image_checked"
+# Images per request sscd-embed sends by default (--batch-size); the gpu repository sizes its
+# in-flight bound, memory pool and CUDA graphs for requests of this many images.
+CLIENT_BATCH = 16
 # A PNG of a few KB can claim 60000 x 60000 pixels; refuse anything larger before decoding.
 MAX_IMAGE_PIXELS = 40_000_000
 # Model identity, written by the repository into every config's `parameters` and read by

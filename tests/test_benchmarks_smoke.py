@@ -63,3 +63,37 @@ def test_isolation_benchmark_refuses_bad_rates():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "isolation.py"),
                            "--rates", "1.5"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--rates" in proc.stderr.splitlines()[-1]
+
+
+def test_fake_dali_resets_its_pipeline_after_each_failed_batch():
+    """Every DALI error resets the pipeline (dali_backend dali_executor.cc `pipeline_.Reset()`):
+    the fake spends `reset_s` of its instance on each failed batch, and only on those."""
+    import asyncio
+
+    import numpy as np
+
+    from sscd_triton.bench.fake_dali import DaliServer
+    from sscd_triton.bench import isolation
+
+    class Inp:
+        def __init__(self, k):
+            self.arr = np.frombuffer(k.to_bytes(4, "little"), np.uint8).reshape(1, 4)
+
+        def _get_content(self):
+            return self.arr.tobytes()
+
+        def shape(self):
+            return [1, 4]
+
+    async def go():
+        server = DaliServer({1}, per_request=True, reset_s=0.01)
+        got = await asyncio.gather(*(server.infer("sscd", [Inp(k)]) for k in (0, 1, 2)),
+                                   return_exceptions=True)
+        return server, got
+
+    server, got = asyncio.run(go())
+    assert server.resets == server.failed_batches == 1
+    assert isinstance(got[1], Exception) and "DALI error" in got[1].message()
+    assert [g.as_numpy("x")[0][0] for g in (got[0], got[2])] == [0.0, 2.0]
+    r = isolation.run("per-request", 400, 0.02, 16, 8, 0.2, 0.01, 64, reset_ms=5.0)
+    assert r.missed == 0 and r.wrongly_failed == 0  # every image accounted (run asserts it)

@@ -342,3 +342,56 @@ def test_entrypoint_passes_the_flags_the_gpu_repository_needs():
     for flag in GPU_SERVER_FLAGS:
         assert f"  {flag} \\\n" in command, flag
 
+
+
+def test_entrypoint_passes_the_sized_flags_of_the_repository(tmp_path):
+    """docker/entrypoint.sh passes sscd/server.args (pools and gRPC threads sized for the
+    repository it serves) to tritonserver: run it with fakes of the plan build and the server."""
+    from sscd_triton import spec
+    from sscd_triton.serving import repository
+
+    serving = repository.ServingConfig(target="gpu", max_batch=32)
+    repo = tmp_path / "models"
+    repository.write_configs(str(repo), serving)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tritonserver").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "tritonserver").chmod(0o755)
+    script = ENTRYPOINT.replace("/usr/local/bin/sscd-build-plan", "true")
+    (tmp_path / "entrypoint.sh").write_text(script)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SSCD_ADMIN_KEY="k",
+               SSCD_MODEL_REPOSITORY=str(repo))
+    out = subprocess.run(["bash", str(tmp_path / "entrypoint.sh"), "--log-verbose=1"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    flags = repository.gpu_server_flags(serving)
+    assert all(f in out for f in flags), (flags, out)
+    assert out[-1] == "--log-verbose=1"  # extra arguments still come last (and win)
+    pool = int(next(f for f in flags if f.startswith("--cuda-memory")).split(":")[1])
+    # in-flight intermediates: max_inflight_requests x max_batch x 3x320x320 float32
+    assert pool >= serving.inflight * serving.max_batch * 3 * 320 * 320 * 4
+    (repo / spec.ENSEMBLE_NAME / repository.SERVER_ARGS).unlink()  # an older repository: defaults
+    out = subprocess.run(["bash", str(tmp_path / "entrypoint.sh")], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert "--cuda-memory-pool-byte-size" not in out and "--disable-auto-complete-config" in out
+
+
+def test_serving_image_knows_max_inflight_requests():
+    """The gpu ensemble config sets max_inflight_requests, which Triton has from 25.11 on."""
+    from sscd_triton.serving import repository
+
+    version = re.search(r"^ARG TRITON_VERSION=(\d+)\.(\d+)$", DOCKERFILE, re.M)
+    minimum = tuple(int(x) for x in repository.MIN_TRITON_RELEASE.split("."))
+    assert (int(version.group(1)), int(version.group(2))) >= minimum
+
+
+def test_pod_cpu_request_covers_the_decoder_threads():
+    from sscd_triton import spec
+    from sscd_triton.serving import repository
+
+    serving = repository.ServingConfig(target="gpu")
+    cfgs = {c.name: c for c in repository.configs(serving)}
+    busy = sum(g.count for g in cfgs[spec.PREPROCESS_MODEL].instance_group) * serving.dali_threads \
+        + sum(g.count for g in cfgs[spec.CHECK_MODEL].instance_group)
+    (deployment,) = [d for d in yaml.safe_load_all((K8S / "deployment.yaml").read_text()) if d]
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert float(c["resources"]["requests"]["cpu"]) >= busy

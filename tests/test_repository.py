@@ -64,7 +64,18 @@ def test_generated_configs_parse_and_agree(serving):
     assert desc.backend == want
     assert pre.backend == ("dali" if layout.target == "gpu" else "python")
     if layout.target == "gpu":
-        assert ens.ensemble_scheduling.max_inflight_requests > 0
+        assert ens.ensemble_scheduling.max_inflight_requests == layout.inflight > 0
+        # every file passes the completeness check before DALI sees it (issue 16)
+        check = cfgs[spec.CHECK_MODEL]
+        first, second = ens.ensemble_scheduling.step[:2]
+        assert first.model_name == spec.CHECK_MODEL and second.model_name == spec.PREPROCESS_MODEL
+        assert dict(first.input_map) == {spec.ENSEMBLE_INPUT: spec.ENSEMBLE_INPUT}
+        assert dict(second.input_map) == {spec.ENSEMBLE_INPUT: first.output_map[spec.CHECKED_NAME]}
+        assert check.backend == "python" and check.max_batch_size == pre.max_batch_size
+        assert [o.name for o in check.output] == [spec.CHECKED_NAME]
+        assert pre.parameters["num_threads"].string_value == str(layout.dali_threads)
+    else:
+        assert spec.CHECK_MODEL not in cfgs
     lo, opt, hi = layout.profile()
     assert lo[0] == 1 and opt[0] == layout.opt_batch and hi[0] == desc.max_batch_size
     assert all(_fits(list(desc.input[0].dims), s) for s in (lo, opt, hi))
@@ -74,6 +85,9 @@ def test_generated_configs_parse_and_agree(serving):
             assert all(a <= b <= c for a, b, c in zip(lo, shape, hi)), (shape, lo, hi)
     if desc.backend == "tensorrt":
         assert desc.optimization.cuda.graphs
+        if spec.PREPROCESS[layout.preprocess].square:  # the batch sizes CLIENT_BATCH requests form
+            got = [g.batch_size for g in desc.optimization.cuda.graph_spec]
+            assert got == [1] + list(range(spec.CLIENT_BATCH, layout.max_batch + 1, spec.CLIENT_BATCH))
         assert not desc.optimization.execution_accelerators.gpu_execution_accelerator
     if desc.backend == "onnxruntime":
         trt = desc.optimization.execution_accelerators.gpu_execution_accelerator[0]
@@ -109,8 +123,10 @@ def test_plan_recipe_matches_the_config(preprocess, tmp_path):
 
 def test_committed_repository_is_the_generated_gpu_one(tmp_path):
     assert build_repository.main(["--target", "gpu", "--configs-only", "--output", str(tmp_path)]) == 0
-    files = [f"{m}/config.pbtxt" for m in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL)]
-    for name in files + [f"{spec.DESCRIPTOR_MODEL}/{repository.PLAN_RECIPE}"]:
+    files = [f"{m}/config.pbtxt" for m in (spec.ENSEMBLE_NAME, spec.CHECK_MODEL, spec.PREPROCESS_MODEL,
+                                           spec.DESCRIPTOR_MODEL)]
+    for name in files + [f"{spec.DESCRIPTOR_MODEL}/{repository.PLAN_RECIPE}",
+                         f"{spec.ENSEMBLE_NAME}/{repository.SERVER_ARGS}"]:
         with open(os.path.join(ROOT, "model_repository", name)) as f:
             committed = f.read()
         assert os.path.isdir(os.path.join(ROOT, "model_repository", name.split("/")[0], "1"))
@@ -303,7 +319,7 @@ def test_library_builds_without_the_command_line(tmp_path):
     built = build.build_repository(str(tmp_path / "r"), "gpu", configs_only=True, max_batch=8)
     assert built.passed and built.report is None and built.onnx is None
     assert built.serving.max_batch == 8 and built.serving.weights_sha256 == "unknown"
-    assert len(built.written) == 4  # three configs and the plan recipe
+    assert len(built.written) == 6  # four configs, the sized server flags and the plan recipe
     with pytest.raises(build.BuildError, match="--max-batch 0"):
         build.build_repository(str(tmp_path / "r"), "cpu", max_batch=0)
 
@@ -311,7 +327,7 @@ def test_library_builds_without_the_command_line(tmp_path):
 # --- docker/: the plan built at container start ----------------------------------------
 BUILD_PLAN = os.path.join(ROOT, "docker", "build_plan.sh")
 FAKE_TRTEXEC = r"""#!/usr/bin/env bash
-echo "&&&& RUNNING TensorRT.trtexec [TensorRT v${FAKE_TRT}] # trtexec $*"
+echo "&&&& RUNNING TensorRT.trtexec [TensorRT v${FAKE_TRT}] [b${FAKE_TRT_BUILD}] # trtexec $*"
 [[ $1 == --help ]] && exit 0
 echo "$*" >> "$FAKE_CALLS"
 if [[ -n ${FAKE_FAIL:-} ]]; then echo "[E] [TRT] ModelImporter.cpp: failed to parse onnx file"; exit 3; fi
@@ -338,7 +354,7 @@ def plan_env(tmp_path):
     repository.write_configs(str(repo), repository.ServingConfig(target="gpu", max_batch=16))
     (repo / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE).write_bytes(b"onnx-1")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SSCD_TRT_CACHE=str(tmp_path / "cache"),
-               FAKE_TRT="101300", FAKE_GPU="NVIDIA H100 80GB HBM3", FAKE_CALLS=str(tmp_path / "calls"))
+               FAKE_TRT="101300", FAKE_TRT_BUILD="23", FAKE_GPU="NVIDIA H100 80GB HBM3", FAKE_CALLS=str(tmp_path / "calls"))
     env.pop("SSCD_TRTEXEC", None)
 
     def run(**extra):
@@ -354,7 +370,7 @@ def test_build_plan_builds_once_then_reuses_the_cache(plan_env):
     served = repo / spec.DESCRIPTOR_MODEL / "1" / repository.PLAN_FILE
     p, calls = run()
     assert p.returncode == 0, p.stderr
-    assert "[sscd] building TensorRT plan for NVIDIA H100 80GB HBM3 with TensorRT v101300" in p.stdout
+    assert "[sscd] building TensorRT plan for NVIDIA H100 80GB HBM3 with TensorRT v101300 build 23" in p.stdout
     assert len(calls) == 1 and served.read_text() == "plan v101300 NVIDIA H100 80GB HBM3"
     recipe = repository.read_recipe((repo / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE).read_text())
     args = calls[0].split()
@@ -378,15 +394,19 @@ def test_build_plan_rebuilds_when_model_tensorrt_or_gpu_change(plan_env):
     assert p.returncode == 0 and len(calls) == 3 and served.read_text().startswith("plan v110400")
     p, calls = run(FAKE_GPU="NVIDIA L4")
     assert p.returncode == 0 and len(calls) == 4 and served.read_text().endswith("NVIDIA L4")
+    p, calls = run(FAKE_GPU="NVIDIA L4", FAKE_TRT_BUILD="24")  # same version, another build
+    assert p.returncode == 0 and len(calls) == 5 and "build 24" in p.stdout
+    p, calls = run(FAKE_GPU="NVIDIA L4")
+    assert p.returncode == 0 and len(calls) == 5 and "reusing" in p.stdout
     recipe = repo / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE
     first = recipe.read_text()
     recipe.write_text(repository.recipe_text(repository.ServingConfig(target="gpu", max_batch=8)))
     p, calls = run(FAKE_GPU="NVIDIA L4")
-    assert p.returncode == 0 and len(calls) == 5
+    assert p.returncode == 0 and len(calls) == 6
     recipe.write_text(first)  # back to the first combination: still cached
     (repo / spec.DESCRIPTOR_MODEL / "1" / repository.ONNX_FILE).write_bytes(b"onnx-1")
     p, calls = run()
-    assert p.returncode == 0 and len(calls) == 5 and "reusing" in p.stdout
+    assert p.returncode == 0 and len(calls) == 6 and "reusing" in p.stdout
 
 
 def test_build_plan_failures_stop_the_start_with_one_line(plan_env, tmp_path):
@@ -551,6 +571,11 @@ def _photo(i=0, size=None):
     return img.resize(size) if size else img
 
 
+def _cut(data: bytes, fraction: float, pad: bool = False) -> bytes:
+    n = int(len(data) * fraction)
+    return data[:n] + (b"\0" * (len(data) - n + 100) if pad else b"")
+
+
 HOSTILE = {
     "empty": (lambda: b"", "empty"),
     "random bytes": (lambda: np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes(),
@@ -559,6 +584,15 @@ HOSTILE = {
     "truncated jpeg": (lambda: images.encode(_photo(), "JPEG")[:3000], "truncated"),
     "header-only png": (lambda: images.encode(_photo(), "PNG")[:33], "not an image|truncated"),
     "header-only jpeg": (lambda: images.encode(_photo(), "JPEG")[:620], "truncated"),
+    # cut, then zero-padded as a row of a request holding a longer file: the decoder would
+    # read the zeros as image data; the check before it refuses them (issue 16)
+    "truncated jpeg, zero-padded": (lambda: _cut(images.encode(_photo(), "JPEG"), 0.5, pad=True),
+                                    "truncated JPEG: no end-of-image marker"),
+    "truncated png": (lambda: _cut(images.encode(_photo(), "PNG"), 0.5), "truncated PNG: no IEND"),
+    "truncated png, zero-padded": (lambda: _cut(images.encode(_photo(), "PNG"), 0.9, pad=True),
+                                   "truncated PNG: no IEND"),
+    "truncated webp": (lambda: _cut(images.encode(_photo(), "WEBP"), 0.5),
+                       "truncated WebP: its RIFF header says"),
     "bomb 60000x60000": (lambda: _png_claiming(60000, 60000), "too large"),
     "over the limit 7000x7000": (lambda: _png_claiming(7000, 7000), "too large"),
     "strip 3x20000": (lambda: images.encode(Image.new("RGB", (3, 20000)), "PNG"), None),

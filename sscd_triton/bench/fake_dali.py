@@ -54,17 +54,20 @@ class DaliServer:
     dynamic batcher's queue policy). `per_request=True` (no dynamic batcher: Triton's
     default scheduler, which has no queue policy): each request is its own DALI batch; a
     corrupt row fails only its own request. Either way `instances` batches run at once,
-    each taking `exec_s` + `row_s` per row."""
+    each taking `exec_s` + `row_s` per row. A failed batch costs its instance `reset_s`
+    more before the next one: every DALI error resets the whole pipeline (dali_backend
+    src/dali_executor/dali_executor.cc: `pipeline_.Reset()` after a failed run), which
+    re-creates its operators and buffers."""
 
     def __init__(self, corrupt, window: float = 0.002, max_rows: int = 64, max_queue: int = 3,
                  exec_s: float = 0.001, row_s: float = 0.0, per_request: bool = False,
-                 instances: int = 1):
+                 instances: int = 1, reset_s: float = 0.0):
         self.url = "dali:1"
         self.corrupt, self.window, self.max_rows = set(corrupt), window, max_rows
         self.max_queue, self.exec_s, self.row_s = max_queue, exec_s, row_s
-        self.per_request, self.instances = per_request, instances
+        self.per_request, self.instances, self.reset_s = per_request, instances, reset_s
         self.queue: list = []
-        self.requests = self.formed = self.failed_batches = self.busy = 0
+        self.requests = self.formed = self.failed_batches = self.busy = self.resets = 0
         self._workers: list[asyncio.Future] = []
 
     async def infer(self, model, inputs, outputs=None, client_timeout=None, headers=None):
@@ -102,6 +105,9 @@ class DaliServer:
             self.formed += 1
             bad = any(row_index(r) in self.corrupt for rows, _ in batch for r in rows)
             self.failed_batches += bad
+            if bad:
+                self.resets += 1
+                await asyncio.sleep(self.reset_s)  # the instance is busy resetting
             for rows, fut in batch:
                 if fut.done():
                     continue

@@ -5,7 +5,8 @@ one that runs each request as its own DALI batch (this project's gpu repository)
 batching server with a client told otherwise (a rolling upgrade behind one address),
 which must find out and switch.
 
-The server's time is modelled (`exec_ms` per batch + `row_ms` per image, asyncio sleeps):
+The server's time is modelled (`exec_ms` per batch + `row_ms` per image, `reset_ms` per
+failed batch for DALI's pipeline reset, asyncio sleeps):
 the numbers are the client's isolation policy against that model, not a GPU's. What
 transfers is the ratio: images/s with corrupt files over images/s with none, per server.
 """
@@ -45,7 +46,8 @@ SERVERS = ("dynamic-batching", "per-request", "told-per-request")
 
 
 def run(server_kind: str, images: int, corrupt_rate: float, batch: int, concurrency: int,
-        exec_ms: float, row_ms: float, max_rows: int, seed: int = 0) -> Run:
+        exec_ms: float, row_ms: float, max_rows: int, seed: int = 0,
+        reset_ms: float = 0.0) -> Run:
     """Embed `images` fake images through transport.Sender at `concurrency` requests of
     `batch` images (`server_kind`: one of SERVERS); every image is accounted for exactly
     once (a result or a failure)."""
@@ -56,7 +58,7 @@ def run(server_kind: str, images: int, corrupt_rate: float, batch: int, concurre
     corrupt = set(rng.choice(images, int(round(images * corrupt_rate)), replace=False).tolist())
     server = DaliServer(corrupt, max_rows=max_rows, max_queue=4 * concurrency,
                         exec_s=exec_ms / 1e3, row_s=row_ms / 1e3, per_request=per_request,
-                        instances=2)
+                        instances=2, reset_s=reset_ms / 1e3)
     results: Counter = Counter()
     failures: Counter = Counter()
     items = [transport.Item(str(k), k.to_bytes(4, "little"), 4) for k in range(images)]

@@ -65,7 +65,7 @@ from sscd_triton.cli._main import run_main
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_UNFINISHED, EXIT_PARITY = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
-DEFAULT_BATCH = 16
+DEFAULT_BATCH = spec.CLIENT_BATCH  # the gpu repository is sized for it (serving/repository.py)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 

@@ -28,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--row-ms", type=float, default=0.08,
                    help="modelled time per image (0.08: about 12k images/s in batches of 64)")
     p.add_argument("--max-rows", type=int, default=64, help="largest batch the batcher forms")
+    p.add_argument("--reset-ms", type=float, default=0.0,
+                   help="modelled DALI pipeline reset after each failed batch (every DALI error "
+                        "resets the pipeline; unmeasured: a GPU run gives it)")
     args = p.parse_args(argv)
     try:
         args.rates = [float(x) for x in args.rates.split(",") if x]
@@ -36,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.rates or not all(0 < r < 1 for r in args.rates):
         p.error("--rates: each fraction must lie between 0 and 1")
     if min(args.images, args.batch, args.concurrency, args.max_rows) < 1 or \
-            min(args.exec_ms, args.row_ms) < 0:
+            min(args.exec_ms, args.row_ms, args.reset_ms) < 0:
         p.error("--images, --batch, --concurrency, --max-rows must be >= 1; times >= 0")
     return args
 
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"{args.images} images, requests of {args.batch}, concurrency {args.concurrency}; "
           f"modelled server: 2 instances, each {args.exec_ms} ms per batch + {args.row_ms} ms "
-          f"per image; batches of up to {args.max_rows} (dynamic batching) or one request each")
+          f"per image, {args.reset_ms} ms per pipeline reset; batches of up to {args.max_rows} "
+          "(dynamic batching) or one request each")
     print(f"\n{'server':<17} {'corrupt':>8} {'images/s':>9} {'vs clean':>9} {'requests':>9} "
           f"{'per corrupt':>12} {'wrongly failed':>15} {'missed':>7} {'switched':>9}")
     missed = 0
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
         clean = None
         for rate in [0.0] + args.rates:
             r = isolation.run(kind, args.images, rate, args.batch, args.concurrency,
-                              args.exec_ms, args.row_ms, args.max_rows)
+                              args.exec_ms, args.row_ms, args.max_rows,
+                              reset_ms=args.reset_ms)
             clean = clean or r
             extra = (r.requests - clean.requests) / r.corrupt if r.corrupt else 0.0
             missed += r.missed

@@ -160,6 +160,10 @@ def load_item(id_: str, problem: str | None, opts: Options) -> Item | str:
         except Exception as e:  # noqa: BLE001  (a decoder bug must not stop the run)
             return f"could not decode it: {type(e).__name__}: {e}"
         return Item(id_, tensor, tensor.nbytes, key=tensor.shape)
+    try:  # the server's own check (cpu preprocessing, the gpu check step): fail early
+        images.check_complete(data)
+    except images.ImageError as e:
+        return f"not a usable image: {e}"
     key = None if opts.preprocess.square else _header_shape(data, opts.preprocess)
     return Item(id_, data, len(data), alone=not images.looks_complete(data), key=key)
 

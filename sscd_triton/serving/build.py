@@ -402,7 +402,7 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
 
         dali = os.path.join(output, spec.PREPROCESS_MODEL, "1", "dali.py")
         os.makedirs(os.path.dirname(dali), exist_ok=True)
-        dali_pipeline.write_dali_py(dali, pre, max_pixels)
+        dali_pipeline.write_dali_py(dali, pre, max_pixels, serving.hw_decoder_load)
         report.log(f"wrote DALI pipeline ({preprocess}, autoserialized by the server) -> {dali}")
         if plan:
             repository.place_artifact(output, spec.DESCRIPTOR_MODEL, plan, repository.PLAN_FILE)
@@ -456,25 +456,24 @@ def _docker_context_path(path: str, cwd: str) -> str:
     return rel
 
 
-_GPU = " ".join(repository.GPU_SERVER_FLAGS)
-
-
 def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = None) -> list[str]:
     """Commands that serve what was built, as a user can paste them (README: "Model
     repository", "Production")."""
     cwd = os.path.abspath(cwd or os.getcwd())
     out = shlex.quote(built.output)
     serving = built.serving
+    # what docker/entrypoint.sh passes: the flags the repository needs, then server.args's
+    gpu_flags = " ".join(repository.gpu_server_flags(serving))
     if serving.target == "cpu":
         return [f"{tritonserver_command(cwd)} --model-repository {out}"]
     if serving.prebuilt_plan:
-        return [f"tritonserver {_GPU} --model-repository {out}   # in an NGC Triton container "
+        return [f"tritonserver {gpu_flags} --model-repository {out}   # in an NGC Triton container "
                 "on the host whose TensorRT and GPU built the plan"]
     if built.postprocess is not None:
         # docker/Dockerfile's export stage builds from the checkpoint without --postprocess:
         # serve this repository as built.
         finish = f"docker/build_plan.sh {out} && " if repository.builds_plan(serving) else ""
-        return [f"{finish}tritonserver {_GPU} --model-repository {out}   # in an NGC Triton "
+        return [f"{finish}tritonserver {gpu_flags} --model-repository {out}   # in an NGC Triton "
                 "container (the Dockerfile's own export does not take --postprocess)"]
     source = checkpoint or (built.report.facts.get("checkpoint") if built.report else None) \
         or "CHECKPOINT"
@@ -491,8 +490,8 @@ def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = No
               "-e SSCD_ADMIN_KEY=change-me -v sscd-trt-cache:/var/cache/sscd sscd-triton"]
     if repository.builds_plan(serving):
         lines.append(f"# or, in an NGC Triton container: docker/build_plan.sh {out} && "
-                     f"tritonserver {_GPU} --model-repository {out}")
+                     f"tritonserver {gpu_flags} --model-repository {out}")
     else:
-        lines.append(f"# or, in an NGC Triton container: tritonserver {_GPU} "
+        lines.append(f"# or, in an NGC Triton container: tritonserver {gpu_flags} "
                      f"--model-repository {out}")
     return lines

@@ -112,6 +112,9 @@ MEAN = $mean
 STD = $std
 MAX_PIXELS = $max_pixels
 REFUSE_OP = $refuse_op_name
+# Share of JPEGs sent to the hardware decoder (A100/H100/H200; ignored elsewhere and on
+# the cpu decoder): ServingConfig.hw_decoder_load, recorded in the config's parameters.
+HW_DECODER_LOAD = $hw_decoder_load
 
 
 @autoserialize
@@ -137,7 +140,8 @@ def $function(decoder_device="mixed"):
     encoded = fn.reshape(encoded, shape=n, name=REFUSE_OP)
     # jpeg_fancy_upsampling: chroma upsampled as libjpeg-turbo (PIL, upstream) does.
     images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
-                               adjust_orientation=False, jpeg_fancy_upsampling=True)
+                               adjust_orientation=False, jpeg_fancy_upsampling=True,
+                               hw_decoder_load=HW_DECODER_LOAD)
     if SQUARE:
         size = [float(SIZE), float(SIZE)]
     else:
@@ -149,8 +153,10 @@ def $function(decoder_device="mixed"):
 '''
 
 
-def dali_py_source(preprocess: spec.Preprocess, max_pixels: int = spec.MAX_IMAGE_PIXELS) -> str:
-    """The text of `dali.py` for `preprocess` and `max_pixels`, constants written in."""
+def dali_py_source(preprocess: spec.Preprocess, max_pixels: int = spec.MAX_IMAGE_PIXELS,
+                   hw_decoder_load: float = 0.65) -> str:
+    """The text of `dali.py` for `preprocess`, `max_pixels` and `hw_decoder_load` (DALI's
+    default 0.65), constants written in."""
     resize = ("resize to SIZE x SIZE (aspect not kept)" if preprocess.square
               else "resize the short edge to SIZE (long edge truncated)")
     return string.Template(_TEMPLATE).substitute(
@@ -159,13 +165,14 @@ def dali_py_source(preprocess: spec.Preprocess, max_pixels: int = spec.MAX_IMAGE
         input_name=repr(spec.ENSEMBLE_INPUT), size=repr(int(preprocess.size)),
         square=repr(bool(preprocess.square)), mean=repr(tuple(float(m) for m in spec.MEAN)),
         std=repr(tuple(float(s) for s in spec.STD)), max_pixels=repr(int(max_pixels)),
-        refuse_op_name=repr(REFUSE_OP))
+        refuse_op_name=repr(REFUSE_OP), hw_decoder_load=repr(float(hw_decoder_load)))
 
 
-def write_dali_py(path, preprocess: spec.Preprocess, max_pixels: int) -> None:
+def write_dali_py(path, preprocess: spec.Preprocess, max_pixels: int,
+                  hw_decoder_load: float = 0.65) -> None:
     """Write the autoserialized pipeline to `path` (`<repo>/sscd_preprocess/1/dali.py`),
     atomically (`sscd_triton.files.write_atomic`)."""
-    files.write_atomic(os.fspath(path), dali_py_source(preprocess, max_pixels))
+    files.write_atomic(os.fspath(path), dali_py_source(preprocess, max_pixels, hw_decoder_load))
 
 
 def load_dali_py(path):
