@@ -101,6 +101,26 @@ def onnx_path(graph, tmp_path_factory):
     return save(graph, tmp_path_factory, "sscd.onnx")
 
 
+def quantised(graph, target: str) -> onnx.ModelProto:
+    """What export_onnx --precision int8 --int8-target TARGET writes (Q/DQ trunk)."""
+    from sscd_triton.export import int8
+
+    rng = np.random.default_rng(0)
+    cal = int8.Calibration([rng.standard_normal((3, 320, 320), np.float32) for _ in range(4)],
+                           ["noise"] * 4, set())
+    return onnx.load_from_string(int8.quantize(graph.SerializeToString(), cal, target))
+
+
+@pytest.fixture(scope="module")
+def int8_path(graph, tmp_path_factory):
+    return save(quantised(graph, "gpu"), tmp_path_factory, "sscd8.onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_cpu_path(graph, tmp_path_factory):
+    return save(quantised(graph, "cpu"), tmp_path_factory, "sscd8cpu.onnx")
+
+
 @pytest.fixture(scope="module")
 def half_path(half, tmp_path_factory):
     return save(half, tmp_path_factory, "sscd16.onnx")
@@ -533,11 +553,14 @@ def run_main(capsys, *argv):
 
 
 @pytest.mark.parametrize("version", ["11.4.0", "10.13.0"])
-@pytest.mark.parametrize("which", ["fp32", "fp16"])
-def test_builds_strongly_typed_with_tf32_off(which, version, onnx_path, half_path, tmp_path,
-                                             capsys, use_fake):
+@pytest.mark.parametrize("which", ["fp32", "fp16", "int8"])
+def test_builds_strongly_typed_with_tf32_off(which, version, onnx_path, half_path, int8_path,
+                                             tmp_path, capsys, use_fake):
+    """int8 too: explicit Q/DQ in a strongly typed network, no INT8 flag, no calibrator
+    (the fake raises AttributeError on every name TensorRT 11 removed, BuilderFlag.INT8
+    and int8_calibrator among them, and records every flag set)."""
     trt = use_fake(version)
-    src = onnx_path if which == "fp32" else half_path
+    src = {"fp32": onnx_path, "fp16": half_path, "int8": int8_path}[which]
     plan = tmp_path / "m.plan"
     status, out, err = run_main(capsys, "--onnx", src, "--output", str(plan), "--opt-batch", "8",
                                 "--max-batch", "16", "--timing-cache", str(tmp_path / "trt.cache"))
@@ -678,3 +701,10 @@ def test_cli_refuses_an_fp32_onnx_for_fp16_in_one_line(onnx_path, tmp_path):
     assert line.startswith("error: --precision fp16: ") and "is an fp32 graph" in line
     assert "export/export_onnx.py --precision fp16" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cpu_form_of_int8_is_refused_before_tensorrt(int8_cpu_path, tmp_path, capsys):
+    status, out, err = run_main(capsys, "--onnx", int8_cpu_path, "--output",
+                                str(tmp_path / "m.plan"))
+    assert status == 2 and err.count("\n") == 1 and "cpu form of int8" in err, err
+    assert "--int8-target gpu" in err and not (tmp_path / "m.plan").exists()

@@ -12,15 +12,19 @@ PRE = spec.PREPROCESS["square320"]
 JPEG_QUALITY = 90
 
 # Row ids in print order; B and N are filled in from the arguments.
-ROW_IDS = ("torch-eager", "ort-fp32", "ort-fp16", "triton-descriptor", "triton-ensemble-1",
-           "triton-ensemble-B", "client-decode-1p", "client-decode-Np")
+ROW_IDS = ("torch-eager", "ort-fp32", "ort-fp16", "ort-int8", "triton-descriptor",
+           "triton-ensemble-1", "triton-ensemble-B", "triton-ensemble-B-int8",
+           "client-decode-1p", "client-decode-Np")
 ROW_HELP = {
     "torch-eager": "PyTorch eager fp32, inference_mode, preprocessed tensors",
     "ort-fp32": "ONNX Runtime direct, fp32 ONNX, same tensors",
     "ort-fp16": "ONNX Runtime direct, fp16 ONNX with fp32 GeM/Linear/L2 island",
+    "ort-int8": "ONNX Runtime direct, the served int8 ONNX (cpu Q/DQ form), same tensors",
     "triton-descriptor": f"Triton {spec.DESCRIPTOR_MODEL}: float32 tensors over gRPC",
     "triton-ensemble-1": f"Triton {spec.ENSEMBLE_NAME} ensemble: 1 JPEG per request, server decodes",
     "triton-ensemble-B": f"Triton {spec.ENSEMBLE_NAME} ensemble: B JPEGs per request (uint8 [B, L])",
+    "triton-ensemble-B-int8": f"the same on the int8 cpu repository's server (started after "
+                              f"the fp32 one stopped)",
     "client-decode-1p": "client PIL decode + preprocess only (images.load_tensor), 1 process",
     "client-decode-Np": "client PIL decode + preprocess only, one process per core",
 }

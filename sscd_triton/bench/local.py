@@ -92,10 +92,18 @@ def decode_rows(jpegs: list[bytes], args) -> list[Row]:
 
 
 def export_onnx(model, path: str, precision: str) -> str:
+    """fp32, fp16 (static 320, as the gpu target exports it) or int8 (the cpu Q/DQ form,
+    calibrated on the bundled photographs, as build_repository does by default)."""
     import onnx
 
-    from sscd_triton.export import onnx_export
+    from sscd_triton.export import int8, onnx_export
 
+    if precision == "int8":
+        fp32 = onnx_export.to_onnx(model).SerializeToString()
+        data = int8.quantize(fp32, int8.bundled_calibration(PRE), "cpu")
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
     static = PRE.size if precision == "fp16" else None
     onnx.save(onnx_export.to_onnx(model, static, precision), path)
     return path
@@ -144,13 +152,15 @@ def model_rows(model, tensors: np.ndarray, args, device: str, onnx_files: dict[s
     return rows, ort_outputs
 
 
-def onnx_files(model, precisions: list[str], work: str, served_fp32: str | None) -> dict[str, str]:
-    """The ONNX file per precision: the served one for fp32 when it is local (exactly what
-    the local server runs), else exported into `work`."""
+def onnx_files(model, precisions: list[str], work: str,
+               served: dict[str, str]) -> dict[str, str]:
+    """The ONNX file per precision: the served one (`served`: precision -> the local
+    repository's ONNX) when there is one, exactly what the local server runs, else
+    exported into `work`."""
     out = {}
     for precision in precisions:
-        if precision == "fp32" and served_fp32 and os.path.exists(served_fp32):
-            out[precision] = served_fp32
+        if served.get(precision) and os.path.exists(served[precision]):
+            out[precision] = served[precision]
         else:
             out[precision] = export_onnx(model, os.path.join(work, f"sscd-{precision}.onnx"),
                                          precision)

@@ -10,7 +10,7 @@ def _f(x: float, digits: int = 1) -> str:
 
 
 def print_table(rows: list[Row], baseline: float | None, args) -> None:
-    head = (f"{'path':<20} {'batch':>5} {'conc':>4} {'reqs':>5} {'images/s':>9} "
+    head = (f"{'path':<22} {'batch':>5} {'conc':>4} {'reqs':>5} {'images/s':>9} "
             f"{'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'ratio vs torch-eager':>21} {'load':>5}")
     print("\n" + head)
     print("-" * len(head))
@@ -18,7 +18,7 @@ def print_table(rows: list[Row], baseline: float | None, args) -> None:
         if r.skipped:
             continue
         ratio = f"x{r.images_per_s / baseline:.2f}" if baseline else "n/a"
-        print(f"{r.id:<20} {r.batch:>5} {r.concurrency:>4} {len(r.latencies_ms):>5} "
+        print(f"{r.id:<22} {r.batch:>5} {r.concurrency:>4} {len(r.latencies_ms):>5} "
               f"{_f(r.images_per_s, 2):>9} {_f(r.pct(50)):>9} {_f(r.pct(90)):>9} "
               f"{_f(r.pct(99)):>9} {ratio:>21} {r.load1:>5.2f}")
     print("-" * len(head))
@@ -29,7 +29,7 @@ def print_table(rows: list[Row], baseline: float | None, args) -> None:
         if r.skipped:
             continue
         extra = f" [{r.note}]" if r.note else ""
-        print(f"  {r.id:<20} {ROW_HELP[r.id].replace('B ', f'{r.batch} ', 1)}{extra}")
+        print(f"  {r.id:<22} {ROW_HELP[r.id].replace('B ', f'{r.batch} ', 1)}{extra}")
     for r in rows:
         if r.skipped:
             print(f"  skipped {r.id}: {r.skipped}")
@@ -44,14 +44,14 @@ def print_server(rows: list[Row]) -> None:
             print("\nserver statistics: not available (statistics protocol restricted? give "
                   "--admin-key or set SSCD_ADMIN_KEY)")
         return
-    head = (f"{'path':<20} {'model':<16} {'infers':>6} {'execs':>5} {'mean batch':>10} "
+    head = (f"{'path':<22} {'model':<16} {'infers':>6} {'execs':>5} {'mean batch':>10} "
             f"{'queue':>8} {'c.input':>8} {'c.infer':>8} {'c.output':>8} {'server':>8}")
     print("\nserver side (Triton statistics over the timed requests; ms are per-request means)")
     print(head)
     print("-" * len(head))
     for r in served:
         for model, s in r.server.items():
-            print(f"{r.id:<20} {model:<16} {s['inferences']:>6} {s['executions']:>5} "
+            print(f"{r.id:<22} {model:<16} {s['inferences']:>6} {s['executions']:>5} "
                   f"{_f(s['mean_batch'], 2):>10} {_f(s['queue_ms']):>8} "
                   f"{_f(s['compute_input_ms']):>8} {_f(s['compute_infer_ms']):>8} "
                   f"{_f(s['compute_output_ms']):>8} {_f(s['success_ms']):>8}")
@@ -74,6 +74,22 @@ def print_header(info: dict, setup_note: str, photographs: int, args) -> None:
           f"row, batch {args.batch}, concurrency {args.concurrency}", flush=True)
 
 
+# int8 against fp32, measured side by side in the same run.
+INT8_PAIRS = (("ort-int8", "ort-fp32"), ("triton-ensemble-B-int8", "triton-ensemble-B"))
+
+
+def int8_ratios(rows: list[Row]) -> dict[str, float]:
+    """{"ort-int8 / ort-fp32": images/s ratio, ...} for the pairs that both ran."""
+    by_id = {r.id: r for r in rows if not r.skipped and r.images}
+    return {f"{a} / {b}": round(by_id[a].images_per_s / by_id[b].images_per_s, 3)
+            for a, b in INT8_PAIRS if a in by_id and b in by_id}
+
+
+def print_int8(rows: list[Row]) -> None:
+    for pair, ratio in int8_ratios(rows).items():
+        print(f"int8 speed-up, same run: {pair} = x{ratio:.2f}")
+
+
 def baseline_of(rows: list[Row]) -> float | None:
     base = next((r for r in rows if r.id == "torch-eager"), None)
     return base.images_per_s if base and not base.skipped else None
@@ -90,5 +106,6 @@ def write_json(path: str, rows: list[Row], info: dict, setup_note: str, photogra
     result = {"device": info, "setup": setup_note,
               "config": {k: v for k, v in vars(args).items() if k != "json"},
               "preprocess": PRE.upstream_name, "photographs": photographs,
-              "rows": [r.summary(baseline) for r in rows], "total_s": round(total_s, 1)}
+              "rows": [r.summary(baseline) for r in rows], "int8_ratios": int8_ratios(rows),
+              "total_s": round(total_s, 1)}
     write_atomic(path, json.dumps(result, indent=2))

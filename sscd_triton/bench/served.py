@@ -168,11 +168,13 @@ def model_check(client, model: str, batch: int, want_dtype: str, headers: dict |
 
 
 # --- the local server ----------------------------------------------------------------------
-def build_cpu_repository(checkpoint: str, out: str, max_batch: int) -> str:
-    """The cpu repository the local rows' weights are served from; returns its ONNX."""
+def build_cpu_repository(checkpoint: str, out: str, max_batch: int,
+                         precision: str = "fp32") -> str:
+    """The cpu repository the local rows' weights are served from; returns its ONNX.
+    int8 is calibrated on the bundled photographs (export.int8.bundled_calibration)."""
     from sscd_triton.serving.build import build_repository
 
-    built = build_repository(out, "cpu", checkpoint, max_batch=max_batch)
+    built = build_repository(out, "cpu", checkpoint, max_batch=max_batch, precision=precision)
     if not built.passed:
         raise RuntimeError("building the cpu repository failed its parity checks:\n"
                            + built.report.stream.getvalue())
@@ -180,10 +182,15 @@ def build_cpu_repository(checkpoint: str, out: str, max_batch: int) -> str:
 
 
 # --- the served rows, in order -------------------------------------------------------------
+SERVED_ROWS = ("triton-descriptor", "triton-ensemble-1", "triton-ensemble-B")
+
+
 def served_rows(client, tensors: np.ndarray, jpegs: list[bytes], args,
-                ort_outputs: np.ndarray | None) -> list[Row]:
-    """triton-descriptor (tensors in), triton-ensemble-1 and -B (encoded bytes in). A row the
-    server cannot take is skipped with the reason, not fatal."""
+                ort_outputs: np.ndarray | None, which: tuple[str, ...] = SERVED_ROWS,
+                suffix: str = "") -> list[Row]:
+    """triton-descriptor (tensors in), triton-ensemble-1 and -B (encoded bytes in), those of
+    them in `which`, named with `suffix` (e.g. "-int8"). A row the server cannot take is
+    skipped with the reason, not fatal."""
     headers = {spec.GRPC_ADMIN_HEADER: args.admin_key} if args.admin_key else None
     plan = [("triton-descriptor", spec.DESCRIPTOR_MODEL, args.batch, "TYPE_FP32",
              descriptor_inputs(tensors), [spec.DESCRIPTOR_MODEL]),
@@ -192,6 +199,9 @@ def served_rows(client, tensors: np.ndarray, jpegs: list[bytes], args,
               for row_id, batch in (("triton-ensemble-1", 1), ("triton-ensemble-B", args.batch))]]
     rows = []
     for row_id, model_name, batch, dtype, make_inputs, stat_models in plan:
+        if row_id not in which:
+            continue
+        row_id += suffix
         why = model_check(client, model_name, batch, dtype, headers)
         if why:
             rows.append(Row(row_id, batch, args.concurrency, skipped=why))

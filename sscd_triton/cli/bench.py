@@ -8,9 +8,14 @@ Rows (all on the same machine, in the same run, same weights, square320 preproce
   torch-eager          PyTorch eager fp32 (torch.inference_mode) on preprocessed tensors
   ort-fp32             ONNX Runtime, the fp32 ONNX, on the same tensors
   ort-fp16             ONNX Runtime, the fp16 ONNX with its fp32 island (--precision fp16)
+  ort-int8             ONNX Runtime, the int8 Q/DQ ONNX (--precision int8: cpu form, calibrated
+                       on the bundled photographs)
   triton-descriptor    Triton `sscd_descriptor`: float32 tensors in over gRPC
   triton-ensemble-1    Triton `sscd` ensemble: one encoded JPEG per request
   triton-ensemble-B    Triton `sscd` ensemble: B JPEGs per request (zero-padded uint8 [B, L])
+  triton-ensemble-B-int8  the same on an int8 cpu repository (--precision int8, local server
+                       only), started once the fp32 server has stopped: the served int8 /
+                       fp32 ratio is printed
   client-decode-1p     PIL decode + preprocess (sscd_triton.images.load_tensor), 1 process
   client-decode-Np     the same on N processes (every core): the client's decode ceiling
 
@@ -45,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed warm-up rounds per row (a round: one call, or C requests)")
     p.add_argument("--precision", nargs="+", default=["fp32"],
-                   help="ONNX Runtime rows: fp32 and/or fp16 (fp16-island ONNX), e.g. "
-                        "--precision fp32 fp16")
+                   help="ONNX Runtime rows: fp32, fp16 (fp16-island ONNX) and/or int8 (also "
+                        "served, on the local server), e.g. --precision fp32 int8")
     p.add_argument("--url", help="benchmark an already-running server at HOST:PORT (gRPC) "
                                  "instead of building and starting the local cpu one")
     p.add_argument("--checkpoint", help="SSCD checkpoint for the local rows and the local "
@@ -61,38 +66,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-log", action="store_true", help="keep the local server's log")
     args = p.parse_args(argv)
     args.precision = sorted({x for v in args.precision for x in v.split(",") if x},
-                            key=("fp32", "fp16").index) if all(
-        x in ("fp32", "fp16") for v in args.precision for x in v.split(",") if x) else None
+                            key=spec.PRECISIONS.index) if all(
+        x in spec.PRECISIONS for v in args.precision for x in v.split(",") if x) else None
     for name in ("images", "batch", "concurrency"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     if not args.precision:
-        p.error("--precision takes fp32 and/or fp16")
+        p.error(f"--precision takes {', '.join(spec.PRECISIONS)}")
     args.requests = math.ceil(args.images / args.batch)  # batched rows
     return args
 
 
-def start_local_server(checkpoint: str, work: str, args):
-    """Build the cpu repository from `checkpoint` and start tritonserver on it:
-    (server, the served ONNX, a one-line note)."""
+def build_local(checkpoint: str, work: str, args, precision: str = "fp32") -> tuple[str, str]:
+    """Build the cpu repository of `precision` from `checkpoint`: (its folder, its ONNX)."""
+    t = time.perf_counter()
+    repo = os.path.join(work, f"repository-{precision}")
+    onnx = served.build_cpu_repository(checkpoint, repo, max(16, args.batch), precision)
+    print(f"[bench] built the {precision} cpu repository in {time.perf_counter() - t:.0f} s",
+          flush=True)
+    return repo, onnx
+
+
+def start_local_server(repo: str, args):
+    """tritonserver on `repo`: (server, a one-line note)."""
     from sscd_triton.serving.server import TritonServer
 
-    max_batch = max(16, args.batch)
-    t = time.perf_counter()
-    onnx = served.build_cpu_repository(checkpoint, os.path.join(work, "repository"), max_batch)
-    build_s = time.perf_counter() - t
     t = time.perf_counter()
     log = None
     if args.keep_log:
         fd, log = tempfile.mkstemp(prefix="sscd-bench-tritonserver-", suffix=".log")
         os.close(fd)
         print(f"server log: {log}")
-    server = TritonServer(os.path.join(work, "repository"), log_path=log).start()
-    note = (f"local cpu repository (demo weights unless --checkpoint), max batch {max_batch}: "
-            f"built in {build_s:.0f} s, server ready in {time.perf_counter() - t:.0f} s")
-    return server, onnx, note
+    server = TritonServer(repo, log_path=log).start()
+    note = (f"local cpu repository (demo weights unless --checkpoint), max batch "
+            f"{max(16, args.batch)}: server ready in {time.perf_counter() - t:.0f} s")
+    return server, note
+
+
+def int8_served_rows(server, repos: dict | None, tensors, jpegs, args) -> list:
+    """triton-ensemble-B-int8: the fp32 server (when local) stops first, so that the two
+    never share the cores; then the int8 repository's server, the same row."""
+    if repos is None:
+        return [Row("triton-ensemble-B-int8", args.batch, args.concurrency,
+                    skipped="--url: the server serves one precision, whatever it was built with")]
+    import tritonclient.grpc as grpcclient
+
+    server.stop()
+    server, _ = start_local_server(repos["int8"], args)
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        rows = served.served_rows(client, tensors, jpegs, args, None,
+                                  which=("triton-ensemble-B",), suffix="-int8")
+        client.close()
+    finally:
+        server.stop()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -113,11 +143,15 @@ def main(argv=None) -> int:
         return 2
 
     work = tempfile.mkdtemp(prefix="sscd-bench-")
-    server, served_onnx, rows = None, None, []
+    server, served_onnx, rows = None, {}, []
     try:
         # Server first: its version belongs in the header.
         if args.url is None:
-            server, served_onnx, setup_note = start_local_server(checkpoint, work, args)
+            repos = {}
+            for precision in ("fp32", *(["int8"] if "int8" in args.precision else [])):
+                repos[precision], served_onnx[precision] = build_local(checkpoint, work, args,
+                                                                       precision)
+            server, setup_note = start_local_server(repos["fp32"], args)
         else:
             setup_note = f"remote server {args.url}: its weights are whatever it serves"
         import tritonclient.grpc as grpcclient
@@ -144,6 +178,10 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         rows += served.served_rows(client, tensors, jpegs, args, ort_outputs)
         client.close()
+        if "int8" in args.precision:
+            rows += int8_served_rows(server, repos if args.url is None else None, tensors, jpegs,
+                                     args)
+            server = None  # stopped there
     finally:
         if server is not None:
             server.stop()
@@ -152,6 +190,7 @@ def main(argv=None) -> int:
     ordered = sorted(rows, key=lambda r: ROW_IDS.index(r.id))
     reporting.print_table(ordered, reporting.baseline_of(ordered), args)
     reporting.print_server(ordered)
+    reporting.print_int8(ordered)
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     total = time.perf_counter() - t_start
     print(f"\nload average at end {info['load_average_at_end']}; total {total:.0f} s. "
