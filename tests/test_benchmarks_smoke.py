@@ -10,16 +10,16 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("torch-eager", "ort-fp32", "triton-descriptor", "triton-ensemble-1",
-        "triton-ensemble-B", "client-decode-1p", "client-decode-Np")
+ROWS = ("torch-eager", "ort-fp32", "ort-int8", "triton-descriptor", "triton-ensemble-1",
+        "triton-ensemble-B", "triton-ensemble-B-int8", "client-decode-1p", "client-decode-Np")
 
 
 def test_bench_runs_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--images", "4",
-         "--batch", "2", "--concurrency", "2", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240)
+         "--batch", "2", "--concurrency", "2", "--precision", "fp32", "int8", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     table = text[text.index("ratio vs torch-eager"):]
@@ -39,6 +39,11 @@ def test_bench_runs_every_row(tmp_path):
     server = {r["path"]: r.get("server", {}) for r in result["rows"]}
     assert server["triton-descriptor"]["sscd_descriptor"]["inferences"] == 4
     assert server["triton-ensemble-B"]["sscd_preprocess"]["inferences"] == 4
+    # int8 beside fp32, in the same run, as ratios (int8's own server, after fp32's stopped)
+    assert server["triton-ensemble-B-int8"]["sscd_descriptor"]["inferences"] == 4
+    assert set(result["int8_ratios"]) == {"ort-int8 / ort-fp32",
+                                          "triton-ensemble-B-int8 / triton-ensemble-B"}
+    assert "int8 speed-up, same run: triton-ensemble-B-int8 / triton-ensemble-B = x" in text
 
 
 def test_isolation_benchmark_accounts_for_every_image():

@@ -243,6 +243,33 @@ def test_int8_cpu_repository_serves_what_onnx_runtime_gives(triton, calibration,
         server.stop()
 
 
+def test_gpu_repository_int8_is_a_symmetric_qdq_onnx_and_a_strongly_typed_recipe(
+        calibration_dir, tmp_path, capsys):
+    """build_repository.py --target gpu --precision int8: the served ONNX is TensorRT's form
+    (static 320, symmetric Q/DQ), the plan recipe builds it strongly typed with no implicit
+    int8 flag, and every config records int8."""
+    from sscd_triton.serving import repository
+
+    repo = tmp_path / "repo"
+    status = build_cli.main(["--target", "gpu", "--precision", "int8", "--calibration",
+                             str(calibration_dir), "--output", str(repo)])
+    out = capsys.readouterr().out
+    assert status == 0, out[-3000:]
+    assert "calibrating int8 for the gpu target (int8 symmetric activations" in out
+    assert "PASS  int8 vs fp32 (8 held-out photographs): top-1 agreement" in out
+    model = onnx.load(str(repo / spec.DESCRIPTOR_MODEL / "1" / "model.onnx"))
+    assert onnx_graph.onnx_precision(model) == "int8" and onnx_graph.int8_problems(model) == []
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 320, 320]
+    recipe = repository.read_recipe((repo / spec.DESCRIPTOR_MODEL / repository.PLAN_RECIPE)
+                                    .read_text())
+    assert "--stronglyTyped" in recipe and not [a for a in recipe
+                                                if "int8" in a.lower() or "calib" in a.lower()]
+    for name in (spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL):
+        cfg = repository.parse_pbtxt((repo / name / "config.pbtxt").read_text())
+        assert cfg.parameters[spec.PARAM_PRECISION].string_value == "int8"
+
+
 def test_precision_is_compared_only_when_both_sides_know_it():
     base = {"model": "sscd", "model_version": "1", "sscd_model": "m", "weights_sha256": "a" * 64,
             "preprocess": "square320", "preprocess_on": "server", "dims": 512}

@@ -37,10 +37,12 @@ def _rows(path):
 
 
 def test_quick_sweep_writes_csv_machine_and_plot(perf_analyzer, tmp_path):
+    """fp32 and int8 in one run, one after the other: each its CSVs, machine file and plot
+    (int8's named -int8), and the served int8 / fp32 ratio printed."""
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--quick",
-         "--out", str(tmp_path), "--perf-analyzer", perf_analyzer],
-        cwd=ROOT, capture_output=True, text=True, timeout=540)
+         "--precision", "fp32", "int8", "--out", str(tmp_path), "--perf-analyzer", perf_analyzer],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ens = _rows(tmp_path / "perf-ensemble-cpu.csv")
     desc = _rows(tmp_path / "perf-descriptor-cpu.csv")
@@ -66,6 +68,12 @@ def test_quick_sweep_writes_csv_machine_and_plot(perf_analyzer, tmp_path):
     png = (tmp_path / "throughput-latency-cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "in-process pipeline" in proc.stdout and "= " in proc.stdout
+    int8 = _rows(tmp_path / "perf-ensemble-cpu-int8.csv")
+    assert [r["Concurrency"] for r in int8 if r["Mode"] == "concurrency"] == ["1", "2"]
+    assert {"pipeline-b1", "ort-int8-b1"} <= {r["Path"] for r in _rows(tmp_path / "inprocess-cpu-int8.csv")}
+    assert "precision" in (tmp_path / "machine-cpu-int8.txt").read_text()
+    assert (tmp_path / "throughput-latency-cpu-int8.png").exists()
+    assert "int8 speed-up, same run: served ensemble at its best concurrency" in proc.stdout
 
 
 def test_sweep_without_perf_analyzer_says_how_to_install(tmp_path):

@@ -215,7 +215,9 @@ def pipeline_row(jpegs: list[bytes], run, batch: int, requests: int, warmup: int
 
 def inprocess_rows(model, onnx_path: str, jpegs: list[bytes], tensors: np.ndarray,
                    batches: list[int], images_per_row: int, warmup: int,
-                   with_torch: bool = True) -> list[Row]:
+                   with_torch: bool = True, precision: str = "fp32") -> list[Row]:
+    """pipeline-bB and ort-PRECISION-bB per batch B (`onnx_path` holds that precision),
+    then torch and the decode-only rows."""
     from sscd_triton import runtime
     from sscd_triton.bench import local
 
@@ -226,8 +228,9 @@ def inprocess_rows(model, onnx_path: str, jpegs: list[bytes], tensors: np.ndarra
         requests = max(1, math.ceil(images_per_row / b))
         rows.append(pipeline_row(jpegs, run, b, requests, warmup))
         args = SimpleNamespace(batch=b, requests=requests, warmup=warmup, images=images_per_row)
-        ort, _ = local.ort_row("ort-fp32", onnx_path, tensors, args, ["CPUExecutionProvider"])
-        ort.id = f"ort-fp32-b{b}"
+        ort, _ = local.ort_row(f"ort-{precision}", onnx_path, tensors, args,
+                               ["CPUExecutionProvider"])
+        ort.id = f"ort-{precision}-b{b}"
         rows.append(ort)
     big = max(batches)
     args = SimpleNamespace(batch=big, requests=max(1, math.ceil(images_per_row / big)),
@@ -288,7 +291,7 @@ def plot(points: list[Point], rows: list[Row], path: str, title: str) -> None:
             tag = f"c{int(p.value)}" if mode == "concurrency" else f"{p.value:g}/s"
             ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for prefix, style, label in (("pipeline-b", "D-", "in-process decode+resize+ORT (no server)"),
-                                 ("ort-fp32-b", "x:", "in-process ORT on tensors")):
+                                 ("ort-", "x:", "in-process ORT on tensors")):
         sel = [r for r in rows if r.id.startswith(prefix)]
         if sel:
             xs, ys = [r.pct(99) for r in sel], [r.images_per_s for r in sel]
