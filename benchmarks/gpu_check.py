@@ -26,7 +26,10 @@ is not installed (a GPU machine with a bare checkout); with `pip install -e .` (
    the earlier image's pixels) and run through `images.check_complete`, the check every
    serving path runs before any decoder: a cut file passes when the decoder raised or the
    check refused it; a corrupt scan (structure whole) is reported, not bounded;
-4. throughput: batched decode alone and decode + resize + normalise; decode of large
+4. the int8 plan, where TensorRT imports (not on the lent machine: one n/a row): the gpu
+   repository's int8 ONNX built as a strongly typed plan, its parity against fp32 as the
+   int8 export report measures it, and its throughput;
+5. throughput: batched decode alone and decode + resize + normalise; decode of large
    photographs (2 and 12 megapixels, baseline and progressive, batch 16); the fp16
    channels-last model at 320 x 320, batch 64/128/256, eager and replayed as a plain
    `torch.cuda.CUDAGraph`.
@@ -530,6 +533,55 @@ def model_throughput(model16, args, clock: Clock, box_s: float) -> list[dict]:
     return rows
 
 
+def int8_plan(model32_cpu, ref_run, args, clock: Clock, box_s: float) -> tuple[list, list]:
+    """The int8 plan as the gpu repository serves it: export's gpu Q/DQ form (symmetric,
+    calibrated on the bundled photographs) built as a strongly typed plan with TensorRT's
+    Python API, measured against fp32 PyTorch as the int8 export measures it
+    (export.int8.cost_checks, held-out photographs), then timed at each --batches size
+    (host clock, copies in and out included). Where TensorRT does not import (the lent
+    machine has none) one n/a row says so: docker/gpu_smoke.sh with PRECISION=int8
+    measures it in the serving image."""
+    import tempfile
+
+    from sscd_triton.export import int8, onnx_export, trt_build
+    from sscd_triton.export.trt_errors import Unavailable
+    from sscd_triton.report import Check
+
+    if args.device != "cuda":
+        return [Check("int8 plan", None, "n/a: TensorRT plans need the cuda device")], []
+    try:
+        trt, logger, builder = trt_build.open_builder()
+    except Unavailable as e:
+        return [Check("int8 plan", None, f"n/a: {e}; docker/gpu_smoke.sh with PRECISION=int8 "
+                                         "measures it in the serving image")], []
+    size = args.size
+    pre = spec.Preprocess(f"square{size}", f"skew_{size}", size, square=True)
+    calibration = int8.bundled_calibration(pre)
+    fp32 = onnx_export.to_onnx(model32_cpu, size).SerializeToString()
+    hi = max(args.batches)
+    shapes = {spec.INPUT_NAME: ((1, 3, size, size), (max(1, hi // 2), 3, size, size),
+                                (hi, 3, size, size))}
+    with tempfile.TemporaryDirectory(prefix="sscd-int8-plan-") as tmp:
+        path = os.path.join(tmp, "sscd8.onnx")
+        with open(path, "wb") as f:
+            f.write(int8.quantize(fp32, calibration, "gpu"))
+        built = trt_build.build_plan(trt, logger, builder, path, os.path.join(tmp, "sscd8.plan"),
+                                     shapes, None, 4)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(built.plan)
+    run = trt_build.plan_runner(trt, engine, shapes)
+    checks, _ = int8.cost_checks(ref_run, run, pre, calibration)
+    for c in checks:
+        c.name = f"int8 plan (TensorRT {trt.__version__}) vs fp32 cpu: {c.name}"
+    rows, deadline = [], time.perf_counter() + box_s
+    for b in sorted(args.batches):
+        x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
+        times = time_loop("cuda", lambda: run(x), args.iters, args.warmup, deadline, wall=True)
+        if times:
+            rows.append(_row("int8 plan (host clock, copies included)", b, times, size=size,
+                             build_s=round(built.seconds, 1)))
+    return checks, rows
+
+
 def capture(model, x):
     """A plain CUDA graph of model(x) (static input x): warm-up on a side stream, capture."""
     s = torch.cuda.Stream()
@@ -646,8 +698,14 @@ def main(argv=None) -> int:
         decode_rows += large_decode_throughput(photos[0][1], args,
                                                max(0.0, min(60.0, 0.2 * (clock.left() - reserve))),
                                                batch=2 if args.smoke else 16)
+    int8_rows: list[dict] = []
+    with clock.phase("int8 plan (TensorRT, explicit Q/DQ; n/a without TensorRT)", checks):
+        int8_checks, int8_rows = int8_plan(model32_cpu, ref_run, args, clock,
+                                           max(0.0, min(60.0, 0.2 * (clock.left() - reserve))))
+        checks += int8_checks
     with clock.phase("model throughput (fp16 channels-last, eager and CUDA graph)", checks):
         model_rows = model_throughput(model16, args, clock, max(0.0, clock.left() - reserve))
+    model_rows += int8_rows
     passed = all(c.ok is not False for c in checks)
     doc = {
         "tool": "benchmarks/gpu_check.py",
