@@ -32,6 +32,7 @@ output folder at the same paths (a shared file system on a cluster).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -364,11 +365,15 @@ def _run(args, embed) -> int:
                                   "folder or glob inputs): continue it without --ray, or use "
                                   "another --output")
         rows, skipped, keys = [], 0, []
+        unaccepted = collections.Counter()
         for part in iter_partitions(args.inputs, store.partition_size, exclude=[store.folder]):
             keys.append(part.key)
             marker = store.partition_marker(part.key)
             if marker is None:
                 rows.append(to_row(part))
+                unaccepted.update(sources.file_type(i) for i, p in
+                                  getattr(part, "problems", {}).items()
+                                  if p.startswith(sources.NOT_ACCEPTED))
             elif marker.get("fingerprint") != part.fingerprint:
                 raise UsageErrorProxy(str(outio.mismatch(part.describe(), args.output)))
             else:
@@ -447,10 +452,12 @@ def _run(args, embed) -> int:
               "to resume.", file=sys.stderr)
         return embed.EXIT_UNFINISHED
     elapsed = time.monotonic() - started
-    print(f"summary: embedded {embedded}, failed {failed}, skipped {skipped} (done before, or "
-          f"named twice), elapsed {elapsed:.1f}s, {(embedded + failed) / max(elapsed, 1e-9):.1f} "
-          f"images/s ({len(rows)} partitions on {actors} Ray actors); {args.output} holds "
-          f"{store.embedded} descriptors, {store.failed} failures in "
+    print(f"summary: embedded {embedded}, failed {failed}{embed.by_type(unaccepted)}, skipped "
+          f"{skipped} (done before, or named twice), elapsed {elapsed:.1f}s, "
+          f"{(embedded + failed) / max(elapsed, 1e-9):.1f} images/s "
+          f"({embed.plural(len(rows), 'partition')} on {embed.plural(actors, 'Ray actor')}); "
+          f"{args.output} holds {store.embedded} descriptors, {store.failed} failures in "
           f"{outio.failures_path(args.output)}", flush=True)
+    embed.end_notes(args.output, store.failed, info.get("sscd_model"))
     status = embed.EXIT_FAILURES if store.failed else embed.EXIT_OK
     return embed.with_parity(args, status, mode, not client_side and info.get("resampled", False))
