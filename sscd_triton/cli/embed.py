@@ -66,7 +66,7 @@ from sscd_triton import spec
 from sscd_triton.cli._help import DefaultsHelpFormatter
 from sscd_triton.client import io as outio
 from sscd_triton.client import pipeline, sources, transport
-from sscd_triton.cli._main import command, run_main
+from sscd_triton.cli._main import command, plural, run_main
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_UNFINISHED, EXIT_PARITY = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -532,10 +532,6 @@ async def run(args) -> int:
     end_notes(args.output, store.failed, info.get("sscd_model"))
     status = EXIT_FAILURES if store.failed else EXIT_OK
     return with_parity(args, status, mode, not client_side and info.get("resampled", False))
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def by_type(unaccepted) -> str:

@@ -42,6 +42,7 @@ import time
 
 from sscd_triton import spec
 from sscd_triton.client import io as outio
+from sscd_triton.cli._main import plural
 from sscd_triton.client import pipeline, sources, transport
 
 # Test hook: a file path; the first actor to claim it (creates it) writes one shard of
@@ -455,7 +456,7 @@ def _run(args, embed) -> int:
     print(f"summary: embedded {embedded}, failed {failed}{embed.by_type(unaccepted)}, skipped "
           f"{skipped} (done before, or named twice), elapsed {elapsed:.1f}s, "
           f"{(embedded + failed) / max(elapsed, 1e-9):.1f} images/s "
-          f"({embed.plural(len(rows), 'partition')} on {embed.plural(actors, 'Ray actor')}); "
+          f"({plural(len(rows), 'partition')} on {plural(actors, 'Ray actor')}); "
           f"{args.output} holds {store.embedded} descriptors, {store.failed} failures in "
           f"{outio.failures_path(args.output)}", flush=True)
     embed.end_notes(args.output, store.failed, info.get("sscd_model"))
