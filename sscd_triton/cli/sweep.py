@@ -2,10 +2,12 @@
 """The served sweep with NVIDIA's perf_analyzer, in-process rows beside it, CSV + plot.
 
     python benchmarks/sweep.py                      # build + serve a cpu repository, full sweep
+    python benchmarks/sweep.py --reference          # the same, rewriting benchmarks/results
     python benchmarks/sweep.py --quick --out /tmp/s # a few seconds per point (the test)
     python benchmarks/sweep.py --url HOST:8001 --tag gpu --no-inprocess   # a running server
 
-Writes into --out (default benchmarks/results): perf-ensemble-TAG.csv and
+Writes into --out (default runs/benchmarks, git-ignored; --reference: benchmarks/results,
+the committed reference results): perf-ensemble-TAG.csv and
 perf-descriptor-TAG.csv (perf_analyzer's CSV columns, one row per point, then Mode, Batch,
 Images/Second, Stability %, Window ms, Load Average and the composing models' mean batch /
 queue / compute),
@@ -28,6 +30,8 @@ from sscd_triton import spec
 from sscd_triton.bench import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+USER_OUT = os.path.join(ROOT, "runs", "benchmarks")
+REFERENCE_OUT = os.path.join(ROOT, "benchmarks", "results")
 
 
 def _ints(text: str) -> list[int]:
@@ -36,8 +40,11 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
-                   help="folder for the CSVs, machine file and plot (default benchmarks/results)")
+    p.add_argument("--out", help="folder for the CSVs, machine file and plot (default "
+                                 f"{os.path.relpath(USER_OUT, ROOT)}, git-ignored)")
+    p.add_argument("--reference", action="store_true",
+                   help="write the committed reference results, "
+                        f"{os.path.relpath(REFERENCE_OUT, ROOT)} (not with --out)")
     p.add_argument("--tag", help="file name suffix (default: gpu when nvidia-smi sees one, else cpu)")
     p.add_argument("--repository", help="serve this model repository instead of building a cpu "
                                         "one (its sscd_descriptor/1/model.onnx feeds the in-process rows)")
@@ -83,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--concurrency, --descriptor-concurrency, --batch, --window-ms must be >= 1")
     if args.repository and args.url:
         p.error("--repository and --url exclude each other")
+    if args.reference and args.out:
+        p.error("--reference and --out exclude each other")
+    # a user's run never rewrites the tracked reference results unless asked to
+    args.out = args.out or (REFERENCE_OUT if args.reference else USER_OUT)
     return args
 
 
