@@ -81,6 +81,15 @@ def test_file_ids_are_resolved_paths_however_spelled(tree, monkeypatch):
     assert [i for i, _ in sources.iter_inputs([f"@{lst}"])] == ["link/alias.jpg"]
 
 
+def test_url_defaults_to_the_local_grpc_port_and_counts_read_well():
+    from sscd_triton.cli import embed
+    from sscd_triton.cli._main import plural
+
+    assert embed.parse_args(["x.jpg", "--output", "o"]).url == ["127.0.0.1:8001"]
+    assert embed.parse_args(["x.jpg", "--output", "o", "--url", "h:1"]).url == ["h:1"]
+    assert [plural(n, "request") for n in (0, 1, 2)] == ["0 requests", "1 request", "2 requests"]
+
+
 def test_globs_lists_stdin(tree, tmp_path):
     lst = tmp_path / "list.lst"
     lst.write_text(f"{tree}/a.JPG\n\n{tree}/gone.jpg\r\n")

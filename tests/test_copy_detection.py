@@ -291,6 +291,7 @@ def test_dedup_keeps_the_largest_by_default(tmp_path):
 
     rep, out = representative()
     assert rep == ids[2], out
+    assert "1 group holding 4 items" in out  # not "1 groups"
     assert ("representatives (--keep largest): the largest resolution, then the largest "
             "file") in out and "1 of 4 members' files could not be read" in out
     rep, out = representative("--keep", "first")

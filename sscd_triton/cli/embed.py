@@ -259,6 +259,9 @@ async def describe(endpoints: transport.Endpoints, model: str, headers: dict | N
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(start_timeout, endpoints.give_up_after)
     heard = False
+    # Endpoint notes wait until a server is heard: a failed start is the one error line.
+    held: list[str] = []
+    say, endpoints.on_change = endpoints.on_change, held.append
 
     def left() -> float | None:
         if heard:
@@ -267,14 +270,32 @@ async def describe(endpoints: transport.Endpoints, model: str, headers: dict | N
             raise transport.GiveUp(not_there(endpoints, start_timeout))
         return deadline - loop.time()
 
+    def hear() -> None:
+        nonlocal heard
+        heard, endpoints.on_change = True, say
+        for message in held:
+            say(message)
+        held.clear()
+
+    try:
+        return await _first_facts(endpoints, model, headers, left, hear)
+    finally:
+        endpoints.on_change = say
+
+
+async def _first_facts(endpoints, model, headers, left, hear) -> dict:
+    """describe's loop: `left()` is the time left to hear a server (None once one was
+    heard; raises GiveUp when it is over), `hear()` says one was."""
     while True:
         try:
             ep = await asyncio.wait_for(endpoints.pick(), left())
         except TimeoutError:
-            raise transport.GiveUp(not_there(endpoints, start_timeout)) from None
+            left()  # raises GiveUp
+            continue
         try:
             info = await asyncio.wait_for(_model_facts(ep.client, model, headers), left())
         except transport.Fatal:
+            hear()
             await endpoints.report(ep, True)
             raise
         except TimeoutError:
@@ -282,14 +303,17 @@ async def describe(endpoints: transport.Endpoints, model: str, headers: dict | N
             continue
         except (InferenceServerException, OSError) as e:
             if transport.classify(e) == transport.RESTRICTED:
+                hear()
                 await endpoints.report(ep, True)
                 raise transport.restricted(ep.url, e) from None
-            heard = heard or transport.answered(e)
+            if transport.answered(e):
+                hear()
             await endpoints.report(ep, False, e)
             continue
         except BaseException:
             endpoints.release(ep)
             raise
+        hear()
         await endpoints.report(ep, True)
         return info
 
@@ -546,8 +570,9 @@ def end_notes(output: str, failed: int, sscd_model: str | None) -> None:
     """After the summary: the first failures' reasons, and what demo weights mean."""
     if failed:
         shown = outio.first_failures(output, FIRST_FAILURES)
-        more = f", {failed - len(shown)} more" if failed > len(shown) else ""
-        print(f"failures (first {len(shown)}{more}; all in {outio.failures_path(output)}):")
+        which = (f"first {len(shown)}, {failed - len(shown)} more" if failed > len(shown)
+                 else str(failed))
+        print(f"failures ({which}; all in {outio.failures_path(output)}):")
         for record in shown:
             print(f"  {record['id']}: {record['reason']}")
     if sscd_model == spec.DEMO_MODEL_NAME:
