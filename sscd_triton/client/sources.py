@@ -21,7 +21,7 @@ and stdin are kept as given. Rules:
 - an argument with glob characters that names no existing path: a pattern
   (`**` recursive; Python's glob follows links to folders, even in cycles: give the
   folder itself for a cycle-safe walk); each match is handled as if given alone.
-- anything else: one input, as given. A path that does not exist is a usage error
+- anything else: one input (its `canonical` id). A path that does not exist is a usage error
   (`check_args`: exit 2 before anything runs); one that vanishes later fails with "no
   such file".
 
