@@ -81,6 +81,23 @@ def test_file_ids_are_resolved_paths_however_spelled(tree, monkeypatch):
     assert [i for i, _ in sources.iter_inputs([f"@{lst}"])] == ["link/alias.jpg"]
 
 
+def test_ray_partitions_are_the_same_however_the_folder_is_named(tree, monkeypatch):
+    """--ray keys its partitions on the resolved arguments: a rerun spelling the folder
+    otherwise finds the finished partitions; an output of ids as given keeps its keys."""
+    from sscd_triton.client import ray_embed
+
+    os.symlink(tree / "sub", tree / "link")
+    monkeypatch.chdir(tree)
+
+    def parts(*args, resolve=True):
+        return [(p.key, p.lines) for p in ray_embed.iter_partitions(list(args), 2,
+                                                                      resolve=resolve)]
+
+    assert parts("sub") == parts("./sub", "link") == parts(str(tree / "sub") + "/")
+    assert parts("link", resolve=False)[0][1] == ["link/deeper/b.png"]  # as older runs
+    assert parts("link", resolve=False)[0][0] != parts("link")[0][0]
+
+
 def test_url_defaults_to_the_local_grpc_port_and_counts_read_well():
     from sscd_triton.cli import embed
     from sscd_triton.cli._main import plural

@@ -9,7 +9,7 @@ inputs into partitions:
   cuts them (same keys, same fingerprints: either command resumes the other's output);
 - otherwise (files, folders, globs): the de-duplicated, sorted listing of every input,
   cut into `--partition-size` entries (`InputsPartition`; keyed by a hash of the INPUT
-  arguments). A finished partition whose entries changed (a folder that gained files) is
+  arguments, resolved as the ids are: `dir`, `./dir` and a link to it are one key). A finished partition whose entries changed (a folder that gained files) is
   a usage error, as for a changed list file.
 
 Partitions with a done-marker are skipped unread; the others become one row each of
@@ -67,19 +67,26 @@ class InputsPartition(sources.Partition):
         return f"the inputs {names} (sorted) entries {start}-{start + len(self.lines) - 1}"
 
 
-def iter_partitions(args: list[str], size: int, exclude=(), stdin=None):
-    """The partitions of a run (see the module doc)."""
+def iter_partitions(args: list[str], size: int, exclude=(), stdin=None, resolve=True):
+    """The partitions of a run (see the module doc). `resolve`: ids and the partitions'
+    key from resolved paths (dir, ./dir and a link to it: the same partitions); False
+    for an output written before ids were resolved, keyed by the arguments as given."""
     if all(sources.is_listing(a) for a in args):
         yield from sources.iter_partitions(args, size, stdin=stdin)
         return
     found: dict[str, str | None] = {}
-    for id_, problem in sources.iter_inputs(args, stdin=stdin, exclude=exclude):
+    for id_, problem in sources.iter_inputs(args, stdin=stdin, exclude=exclude,
+                                            resolve=resolve):
         if id_ not in found or problem is None:
             found[id_] = problem  # a readable occurrence wins over a problem
+    named = args
+    if resolve:
+        named = list(dict.fromkeys(a if sources.is_listing(a) else sources.canonical(a)
+                                   for a in args))
     ordered = sorted(found)
     for index, start in enumerate(range(0, len(ordered), size)):
         lines = ordered[start:start + size]
-        part = InputsPartition("\0".join(args), index, lines, size)
+        part = InputsPartition("\0".join(named), index, lines, size)
         part.problems = {i: found[i] for i in lines if found[i]}
         yield part
 
@@ -367,7 +374,8 @@ def _run(args, embed) -> int:
                                   "another --output")
         rows, skipped, keys = [], 0, []
         unaccepted = collections.Counter()
-        for part in iter_partitions(args.inputs, store.partition_size, exclude=[store.folder]):
+        for part in iter_partitions(args.inputs, store.partition_size, exclude=[store.folder],
+                                    resolve=not store.ids_as_given):
             keys.append(part.key)
             marker = store.partition_marker(part.key)
             if marker is None:

@@ -207,10 +207,11 @@ def _key(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def walk(top: str, exclude: set[tuple[int, int]]) -> Iterator[tuple[str, str | None]]:
+def walk(top: str, exclude: set[tuple[int, int]],
+         resolve: bool = True) -> Iterator[tuple[str, str | None]]:
     """Inputs under directory `top` (a `canonical` path), lazily (files stream in
     directory order); their ids are canonical too, with a path resolution only for
-    symbolic links."""
+    symbolic links (`resolve` False: joined onto `top` as given, as older runs did)."""
     seen: set[tuple[int, int]] = set()
     stack = [top]
     while stack:
@@ -234,7 +235,7 @@ def walk(top: str, exclude: set[tuple[int, int]]) -> Iterator[tuple[str, str | N
                         is_file = not is_dir and entry.is_file()
                     except OSError:
                         link, is_dir, is_file = True, False, False
-                    if link:
+                    if link and resolve:
                         path = canonical(path)
                     if is_dir:
                         subdirs.append(path)
@@ -251,16 +252,18 @@ def walk(top: str, exclude: set[tuple[int, int]]) -> Iterator[tuple[str, str | N
         stack.extend(sorted(subdirs, reverse=True))
 
 
-def _expand(arg: str, exclude) -> Iterator[tuple[str, str | None]]:
+def _expand(arg: str, exclude, resolve: bool) -> Iterator[tuple[str, str | None]]:
     if os.path.isdir(arg):
-        yield from walk(os.path.realpath(arg), exclude)
+        yield from walk(os.path.realpath(arg) if resolve else arg, exclude, resolve)
     else:
-        yield canonical(arg), None
+        yield canonical(arg) if resolve else arg, None
 
 
-def iter_inputs(args: Iterable[str], stdin: TextIO | None = None,
-                exclude: Iterable[str] = ()) -> Iterator[tuple[str, str | None]]:
-    """Every input named by `args`, lazily, as `(id, problem)` (see the module doc)."""
+def iter_inputs(args: Iterable[str], stdin: TextIO | None = None, exclude: Iterable[str] = (),
+                resolve: bool = True) -> Iterator[tuple[str, str | None]]:
+    """Every input named by `args`, lazily, as `(id, problem)` (see the module doc);
+    `resolve` False: file ids as given, as before ids were resolved (--ray continuing an
+    output of those, whose partitions are made of them)."""
     excluded = set()
     for path in exclude:
         try:
@@ -283,11 +286,11 @@ def iter_inputs(args: Iterable[str], stdin: TextIO | None = None,
             matched = False
             for match in glob.iglob(arg, recursive=True):
                 matched = True
-                yield from _expand(match, excluded)
+                yield from _expand(match, excluded, resolve)
             if not matched:
                 yield arg, "the pattern matched no files"
         else:
-            yield from _expand(arg, excluded)
+            yield from _expand(arg, excluded, resolve)
 
 
 def read_problem(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
