@@ -13,7 +13,8 @@ ckpt=()
 cat <<'NEXT'
 
 Next, your own photographs (stop the server with Ctrl-C or kill %1):
-  .venv/bin/tritonserver --model-repository runs/model_repository --grpc-address 127.0.0.1 --http-address 127.0.0.1 --metrics-address 127.0.0.1 &
+  .venv/bin/tritonserver --model-repository runs/model_repository \
+      --grpc-address 127.0.0.1 --http-address 127.0.0.1 --metrics-address 127.0.0.1 &
   .venv/bin/sscd-embed ~/photos --output runs/my-photos
   .venv/bin/sscd-dedup --embeddings runs/my-photos --groups runs/my-photos-groups.csv
 NEXT

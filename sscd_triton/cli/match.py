@@ -15,9 +15,9 @@ reference order), written atomically. DISC ground-truth files are
 Scores are inner products of the L2-normalised descriptors (= cosine). Threshold: by
 default every query keeps its k matches (what evaluate.py needs: uAP counts the low
 scores too). To decide "copy or not", use --threshold: upstream SSCD gives cosine 0.75 as
-about 90% precision for sscd_disc_mixup on DISC2021 without postprocessing. Score normalisation and PCA whitening shift the
-scores, so calibrate a threshold for them on your own ground truth with evaluate.py
-(threshold@P90).
+about 90% precision for sscd_disc_mixup on DISC2021 without postprocessing. Score
+normalisation and PCA whitening shift the scores, so calibrate a threshold for them on
+your own ground truth with evaluate.py (threshold@P90).
 
 --score-norm (with --background B, e.g. descriptors of training images from the target
 distribution, never the queries or references): upstream's score normalisation

@@ -311,7 +311,8 @@ def load_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Read an output of any form (an `.npz`, a Parquet folder, a version-1 folder).
 
     Returns `(ids, embeddings)`: `ids` an object array [N] of str (resolved paths of
-    files found on the file system, list and stdin lines as given); `embeddings` float32 [N, dims], row i the descriptor of `ids[i]`.
+    files found on the file system, list and stdin lines as given); `embeddings`
+    float32 [N, dims], row i the descriptor of `ids[i]`.
     """
     ids, embs = [], []
     for i, e in iter_shards(path):

@@ -9,8 +9,9 @@ inputs into partitions:
   cuts them (same keys, same fingerprints: either command resumes the other's output);
 - otherwise (files, folders, globs): the de-duplicated, sorted listing of every input,
   cut into `--partition-size` entries (`InputsPartition`; keyed by a hash of the INPUT
-  arguments, resolved as the ids are: `dir`, `./dir` and a link to it are one key). A finished partition whose entries changed (a folder that gained files) is
-  a usage error, as for a changed list file.
+  arguments, resolved as the ids are: `dir`, `./dir` and a link to it are one key). A
+  finished partition whose entries changed (a folder that gained files) is a usage
+  error, as for a changed list file.
 
 Partitions with a done-marker are skipped unread; the others become one row each of
 `ray.data.from_items`, mapped with `map_batches(EmbedPartition, batch_size=1)` on an

@@ -13,9 +13,10 @@ and stdin are kept as given. Rules:
   first bytes are an image signature (JPEG, PNG, GIF, BMP, TIFF, WebP), are embedded;
   any other file comes with the problem `unaccepted` (recorded as a failure with that
   reason, never silently dropped); a file that cannot be opened to check, a FIFO or a
-  broken link is an input that fails with its reason. A directory named like an image (`x.jpg/`) is itself
-  an input (it fails: "is a directory") and is walked as well. Symbolic links are
-  followed, each directory visited once; `exclude` folders (the output) are skipped.
+  broken link is an input that fails with its reason. A directory named like an image
+  (`x.jpg/`) is itself an input (it fails: "is a directory") and is walked as well.
+  Symbolic links are followed, each directory visited once; `exclude` folders (the
+  output) are skipped.
 - `@FILE`, or an existing `*.txt` / `*.lst` file: a list, one path per line.
 - `-`: paths from standard input, one per line.
 - an argument with glob characters that names no existing path: a pattern
