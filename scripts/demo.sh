@@ -9,3 +9,12 @@ ckpt=()
 [ $# -ge 1 ] && ckpt=(--checkpoint "$1")
 .venv/bin/python export/build_repository.py --target cpu --output runs/model_repository "${ckpt[@]}"
 .venv/bin/python export/serve_check.py --repository runs/model_repository "${ckpt[@]}"
+# What a user runs next, on their own folder (the server bound to 127.0.0.1 only).
+cat <<'NEXT'
+
+Next, your own photographs (stop the server with Ctrl-C or kill %1):
+  .venv/bin/tritonserver --model-repository runs/model_repository \
+      --grpc-address 127.0.0.1 --http-address 127.0.0.1 --metrics-address 127.0.0.1 &
+  .venv/bin/sscd-embed ~/photos --output runs/my-photos
+  .venv/bin/sscd-dedup --embeddings runs/my-photos --groups runs/my-photos-groups.csv
+NEXT

@@ -270,6 +270,16 @@ CHECK_SOURCE = ("FORMATS", "GPU_FORMATS", "UNCHECKED_FORMATS", "_JPEG_MARKER", "
                 "_check_webp", "_check_bmp", "_CHECKS", "check_complete")
 
 
+def header_size(path: str) -> tuple[int, int] | None:
+    """`(width, height)` of the image file at `path` from its header alone (no pixels
+    decoded); None when it is not a readable image of `FORMATS`."""
+    try:
+        with Image.open(path, formats=FORMATS) as img:
+            return img.size
+    except Exception:  # noqa: BLE001  (PIL raises many types on malformed headers)
+        return None
+
+
 def decode(data: bytes, max_pixels: int = spec.MAX_IMAGE_PIXELS) -> Image.Image:
     """Encoded bytes -> RGB PIL image, refusing oversized images before decoding them.
 

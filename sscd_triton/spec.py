@@ -122,6 +122,10 @@ PARAM_MODEL_NAME = "sscd_model"  # e.g. "sscd_disc_mixup", or the demo label
 PARAM_WEIGHTS_SHA256 = "sscd_weights_sha256"  # sha256 of the exported descriptor ONNX
 PARAM_PREPROCESS = "preprocess"  # spec.PREPROCESS key
 PARAM_PRECISION = "sscd_precision"  # of the served descriptor ONNX: one of PRECISIONS
+# The PARAM_MODEL_NAME of a repository built without a checkpoint; every report says so.
+DEMO_MODEL_NAME = "demo-untrained"
+DEMO_NOTE = (f"{DEMO_MODEL_NAME} weights: the descriptors mean nothing for copy detection "
+             "(build the repository with --checkpoint, see the README's Models)")
 
 # docker/entrypoint.sh puts the admin protocols (statistics, model-config, shared memory...)
 # behind this header; over gRPC Triton expects it with the prefix (its error message says so).

@@ -143,10 +143,11 @@ def triton(tmp_path_factory):
     holder.server.stop()
 
 
-def embed(*args, url=None, stdin=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+def embed(*args, url=None, stdin=None, env=None, timeout=300,
+          cwd=ROOT) -> subprocess.CompletedProcess:
     """`python client/embed.py ARGS [--url URL]` as a user runs it."""
     cmd = [sys.executable, EMBED, *map(str, args)]
     if url:
         cmd += ["--url", url]
-    return subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=cwd, input=stdin, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from sscd_triton.client.io import load_embeddings, load_failures, read_manifest
-from sscd_triton import samples
+from sscd_triton import samples, spec
 from conftest import EMBED, ROOT, embed  # noqa: F401  (the shared server fixture: triton)
 from sscd_triton.serving.server import TritonServer, free_ports
 
@@ -117,12 +117,19 @@ def test_mixed_folder_every_input_accounted_once(triton, photos, reference, tmp_
     os.chmod(folder / "sub" / "locked.jpg", 0)
     (folder / "x.jpg").mkdir()  # a directory named like an image
     os.symlink(folder / "nowhere.jpg", folder / "broken.jpg")
-    (folder / "README.txt").write_text("not an input")
+    (folder / "README.txt").write_text("not an image: recorded with its reason")
+    from PIL import Image
+
+    small = Image.new("RGB", (8, 8), (1, 2, 3))  # formats the server does not accept
+    small.save(folder / "frame.ppm")
+    small.save(folder / "shot.tga")
+    (folder / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    unaccepted = ["README.txt", "frame.ppm", "shot.tga", "drawing.svg"]
     missing = str(tmp_path / "vanished.jpg")
     lst = tmp_path / "list.txt"
     lst.write_text(f"{missing}\n{good[0]}\n{folder}/x.jpg\n")  # the last two: duplicates
     bad = {str(folder / n) for n in hostile} | {str(folder / "x.jpg"), str(folder / "broken.jpg"),
-                                                missing}
+                                                missing} | {str(folder / n) for n in unaccepted}
     out = tmp_path / "mixed.npz"
     args = (folder, f"@{lst}", "--output", out, "--batch-size", "8", "--quiet")
 
@@ -150,15 +157,63 @@ def test_mixed_folder_every_input_accounted_once(triton, photos, reference, tmp_
     assert "too large" in reasons["bomb.png"]
     if os.geteuid() != 0:  # root reads chmod 000 files: then the server rejects the text
         assert "permission denied" in reasons["sub/locked.jpg"]
-    assert "summary: embedded 6, failed 10" in r.stdout
+    for name in unaccepted:  # nothing given is silently dropped
+        kind = os.path.splitext(name)[1]
+        assert reasons[name].startswith(f"not an accepted image type ({kind}): "), reasons
+    summary = next(x for x in r.stdout.splitlines() if x.startswith("summary:"))
+    assert summary.startswith("summary: embedded 6, failed 14 (4 not an accepted image type: ")
+    assert all(f"{kind} 1" in summary for kind in (".txt", ".ppm", ".tga", ".svg")), summary
+    # the first reasons are shown, and how many more
+    lines = r.stdout.splitlines()
+    at = lines.index(f"failures (first 5, 9 more; all in {tmp_path / 'mixed.failures.jsonl'}):")
+    shown = [x.strip().split(": ", 1) for x in lines[at + 1:at + 6]]
+    assert all(reasons[os.path.relpath(i, folder)] == why for i, why in shown), shown
     assert (tmp_path / "mixed.failures.jsonl").exists()
     assert not (tmp_path / "mixed.npz.partial").exists()
 
     again = embed(*args, url=triton.server.grpc_url)  # nothing new: same result, same status
     assert again.returncode == 1, again.stderr
-    assert "summary: embedded 0, failed 0, skipped 18 (done before" in again.stdout
+    assert "summary: embedded 0, failed 0, skipped 22 (done before" in again.stdout
+    assert "failures (first 5, 9 more" in again.stdout  # why the status is 1
     assert sorted(load_embeddings(str(out))[0].tolist()) == sorted(ids)
     assert sorted(f["id"] for f in load_failures(str(out))) == sorted(failed)
+
+
+def test_one_id_per_file_however_named(triton, photos, reference, tmp_path):
+    """dir, ./dir, /abs/dir and a symbolic link to it are the same 16 files: embedded
+    once, ids their resolved paths; an output written with the old ids (as given,
+    relative or through the link) is resumed without embedding anything again."""
+    folder = tmp_path / "dir"
+    shutil.copytree(photos, folder)
+    os.symlink(folder, tmp_path / "link")
+    names = sorted(os.listdir(folder))
+    expected = {str(folder / n): reference[str(photos / n)] for n in names}
+    out = tmp_path / "out"
+    r = embed("dir", "./dir", "--output", out, "--quiet", url=triton.server.grpc_url,
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "summary: embedded 16, failed 0, skipped 16 " in r.stdout, r.stdout
+    r = embed(folder, "link", "link/", "--output", out, "--quiet", url=triton.server.grpc_url,
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "summary: embedded 0, failed 0, skipped 48 " in r.stdout, r.stdout
+    assert_same(out, expected)
+
+    # an output of an older embed.py: ids as given (relative, or through the link)
+    old = tmp_path / "old"
+    listing = tmp_path / "old.txt"
+    listing.write_text("".join(f"{'dir' if k % 2 else 'link'}/{n}\n"
+                               for k, n in enumerate(names)))
+    r = embed(f"@{listing}", "--output", old, "--partition-size", "0", "--quiet",
+              url=triton.server.grpc_url, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(str(old))
+    del manifest["ids"]  # as an older embed.py wrote it
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    r = embed("link", "--output", old, "--quiet", url=triton.server.grpc_url, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "summary: embedded 0, failed 0, skipped 16 " in r.stdout, r.stdout
+    assert read_manifest(str(old))["ids"] == "as given"  # kept: its shards still hold them
 
 
 def test_parquet_output_from_stdin(triton, photos, reference, tmp_path):
@@ -186,6 +241,7 @@ def test_parquet_output_from_stdin(triton, photos, reference, tmp_path):
     assert meta[b"model"] == b"sscd" and meta[b"preprocess"] == b"square320"
     assert meta[b"weights_sha256"].decode() == str(manifest["weights_sha256"] or "unknown")
     assert_same(out, reference)
+    assert f"note: the server serves {spec.DEMO_NOTE}" in r.stdout  # the demo repository
 
 
 def test_kill_9_then_resume(triton, photos, reference, tmp_path):
@@ -266,7 +322,9 @@ def test_resume_with_another_model_is_refused(triton, photos, reference, tmp_pat
 
 def test_http_port_and_missing_inputs_say_so(triton, photos, tmp_path):
     http = f"127.0.0.1:{triton.server.http_port}"
-    r = embed(photos, "--output", tmp_path / "h", "--give-up-after", "3", "--quiet", url=http)
+    start = time.monotonic()
+    r = embed(photos, "--output", tmp_path / "h", "--quiet", url=http)  # fast at start too
+    assert time.monotonic() - start < 20
     assert r.returncode == 3, r.stderr
     assert f"{http} looks like Triton's HTTP port; gRPC is usually 8001" in r.stderr.splitlines()[-1]
     r = embed(photos, tmp_path / "nowhere.jpg", "--output", tmp_path / "m", "--quiet",
@@ -276,15 +334,20 @@ def test_http_port_and_missing_inputs_say_so(triton, photos, tmp_path):
     assert not (tmp_path / "m").exists()  # before anything ran
 
 
-def test_no_server_exits_3_within_give_up_time(photos, tmp_path):
-    port = free_ports(1)[0]
+@pytest.mark.parametrize("where", ["refused", "unknown host"])
+def test_wrong_address_fails_fast(photos, tmp_path, where):
+    """A server that is not there at start is one error line within seconds (exit 3),
+    not the patient --give-up-after (120 s) meant for servers lost mid-run."""
+    url = (f"127.0.0.1:{free_ports(1)[0]}" if where == "refused"
+           else "no-such-host.invalid:8001")
     start = time.monotonic()
-    r = embed(photos, "--output", tmp_path / "none", "--give-up-after", "3", "--quiet",
-              url=f"127.0.0.1:{port}")
+    r = embed(photos, "--output", tmp_path / "none", "--quiet", url=url)
+    assert time.monotonic() - start < 20
     assert r.returncode == 3, r.stderr
-    assert time.monotonic() - start < 30
-    assert f"no server answered for 3s: 127.0.0.1:{port}" in r.stderr
-    assert "rerun" in r.stderr
+    errors = r.stderr.strip().splitlines()  # with --quiet: that one line, nothing else
+    assert len(errors) == 1 and errors[0].startswith("error: could not start: "), r.stderr
+    assert f"{url} (" in errors[0] and "Nothing was written" in errors[0], errors
+    assert not (tmp_path / "none").exists()
 
 
 def test_dead_endpoint_taken_out_of_rotation(triton, photos, reference, tmp_path):
@@ -437,9 +500,9 @@ def test_sigterm_mid_run_exits_3_promptly_then_resumes(triton, photos, reference
     expected = {}
     for k in range(192):
         name = names[k % len(names)]
-        link = folder / f"{k:03d}-{name}"
-        os.symlink(photos / name, link)
-        expected[str(link)] = reference[str(photos / name)]
+        copy = folder / f"{k:03d}-{name}"  # copies: a symbolic link's id is its target
+        shutil.copyfile(photos / name, copy)
+        expected[str(copy)] = reference[str(photos / name)]
     server = TritonServer(triton.repo, log_path=tmp_path / "sigterm.log").start()
     out = tmp_path / "out"
     args = (folder, "--output", out, "--batch-size", "2", "--concurrency", "2",

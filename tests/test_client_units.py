@@ -55,9 +55,56 @@ def test_walk_by_extension_signature_and_loops(tree):
     found = [(os.path.relpath(i, tree), p) for i, p in
              sources.iter_inputs([str(tree)], exclude=[str(tree / "out")])]
     names = sorted(n for n, _ in found)
-    assert names == sorted(["a.JPG", "noext", "broken.jpg", "dir.jpg", "dir.jpg/inside.webp",
-                            "sub/deeper/b.png"]), names
-    assert all(p is None for _, p in found)
+    assert names == sorted(["a.JPG", "noext", "notes.txt", "broken.jpg", "dir.jpg",
+                            "dir.jpg/inside.webp", "sub/deeper/b.png"]), names
+    problems = {n: p for n, p in found if p is not None}
+    # nothing given is silently dropped: a file of another type is an input with its reason
+    assert list(problems) == ["notes.txt"], problems
+    assert problems["notes.txt"].startswith("not an accepted image type (.txt): ")
+
+
+def test_file_ids_are_resolved_paths_however_spelled(tree, monkeypatch):
+    """dir, ./dir, /abs/dir and a symbolic link to it name the same files; a symbolic
+    link to a file is its target; a broken link keeps its own (absolute) name."""
+    os.symlink(tree / "sub", tree / "link")
+    os.symlink(tree / "a.JPG", tree / "sub" / "alias.jpg")
+    monkeypatch.chdir(tree)
+    spellings = ["sub", "./sub", str(tree / "sub"), "link", "link/", "sub/../sub"]
+    listings = [sorted(i for i, _ in sources.iter_inputs([s])) for s in spellings]
+    assert all(ids == listings[0] for ids in listings), listings
+    assert listings[0] == sorted([str(tree / "a.JPG"), str(tree / "sub" / "deeper" / "b.png")])
+    assert [i for i, _ in sources.iter_inputs(["./link/deeper/b.png", "link/alias.jpg"])] == [
+        str(tree / "sub" / "deeper" / "b.png"), str(tree / "a.JPG")]
+    assert [i for i, _ in sources.iter_inputs(["broken.jpg"])] == [str(tree / "broken.jpg")]
+    lst = tree / "list.lst"
+    lst.write_text("link/alias.jpg\n")  # list files keep the ids they give
+    assert [i for i, _ in sources.iter_inputs([f"@{lst}"])] == ["link/alias.jpg"]
+
+
+def test_ray_partitions_are_the_same_however_the_folder_is_named(tree, monkeypatch):
+    """--ray keys its partitions on the resolved arguments: a rerun spelling the folder
+    otherwise finds the finished partitions; an output of ids as given keeps its keys."""
+    from sscd_triton.client import ray_embed
+
+    os.symlink(tree / "sub", tree / "link")
+    monkeypatch.chdir(tree)
+
+    def parts(*args, resolve=True):
+        return [(p.key, p.lines) for p in ray_embed.iter_partitions(list(args), 2,
+                                                                      resolve=resolve)]
+
+    assert parts("sub") == parts("./sub", "link") == parts(str(tree / "sub") + "/")
+    assert parts("link", resolve=False)[0][1] == ["link/deeper/b.png"]  # as older runs
+    assert parts("link", resolve=False)[0][0] != parts("link")[0][0]
+
+
+def test_url_defaults_to_the_local_grpc_port_and_counts_read_well():
+    from sscd_triton.cli import embed
+    from sscd_triton.cli._main import plural
+
+    assert embed.parse_args(["x.jpg", "--output", "o"]).url == ["127.0.0.1:8001"]
+    assert embed.parse_args(["x.jpg", "--output", "o", "--url", "h:1"]).url == ["h:1"]
+    assert [plural(n, "request") for n in (0, 1, 2)] == ["0 requests", "1 request", "2 requests"]
 
 
 def test_globs_lists_stdin(tree, tmp_path):

@@ -264,6 +264,64 @@ def test_dedup_with_exact_copies_beyond_k(tmp_path):
     assert p and all(r["id_a"] != r["id_b"] for r in p)
 
 
+def test_dedup_keeps_the_largest_by_default(tmp_path):
+    """Four copies with equal pairs: --keep largest takes the largest resolution, then the
+    largest file (a missing file counts as 0); --keep first the first; the output says."""
+    from PIL import Image
+
+    from sscd_triton import images
+
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 64, 3), np.uint8))
+    ids = [str(tmp_path / n) for n in ("thumb.png", "low.jpg", "best.png", "gone.jpg")]
+    Image.new("RGB", (20, 15)).save(ids[0])
+    (tmp_path / "low.jpg").write_bytes(images.encode(photo, "JPEG", quality=20))
+    photo.save(ids[2])  # same resolution as low.jpg, larger file
+    assert os.path.getsize(ids[2]) > os.path.getsize(ids[1])
+    base = random_set(20, 16, seed=5)
+    emb = np.concatenate([np.repeat(base[:1], 4, axis=0), base[1:]])
+    src = write_npz(tmp_path / "e.npz", ids + list(names("x", 19)), emb)
+
+    def representative(*keep):
+        r = run_cli("dedup", "--embeddings", src, "--groups", tmp_path / "g.csv", *keep)
+        assert r.returncode == 0, r.stderr
+        with open(tmp_path / "g.csv", newline="") as f:
+            reps = {row["representative"] for row in csv.DictReader(f)}
+        assert len(reps) == 1
+        return reps.pop(), r.stdout
+
+    rep, out = representative()
+    assert rep == ids[2], out
+    assert "1 group holding 4 items" in out  # not "1 groups"
+    assert ("representatives (--keep largest): the largest resolution, then the largest "
+            "file") in out and "1 of 4 members' files could not be read" in out
+    rep, out = representative("--keep", "first")
+    assert rep == ids[0] and "representatives (--keep first)" in out
+
+
+def test_dedup_without_an_output_prints_the_pairs(copies):
+    r = run_cli("dedup", "--embeddings", copies["q"], "--threshold", "0.5")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.reader(r.stdout.splitlines()))
+    assert rows[0] == ["id_a", "id_b", "score"] and len(rows) > 1
+    assert all(float(score) >= 0.5 for _, _, score in rows[1:])
+    assert "near-duplicate pair" in r.stderr  # the summary, beside the pairs
+
+
+def test_demo_weights_are_named_in_match_and_dedup(tmp_path, copies):
+    demo = tmp_path / "demo.npz"
+    np.savez(demo, ids=np.asarray(copies["qids"], dtype=str),
+             embeddings=np.asarray(copies["qv"], np.float32),
+             meta=np.array(json.dumps({"sscd_model": "demo-untrained"})))
+    note = "demo-untrained weights: the descriptors mean nothing for copy detection"
+    r = run_cli("match", "--queries", demo, "--references", copies["r"],
+                "--output", tmp_path / "m.csv")
+    assert r.returncode == 0 and f"note: --queries {demo} holds descriptors of {note}" \
+        in r.stdout, r.stdout
+    assert "--references" not in r.stdout  # the references are of a real model
+    r = run_cli("dedup", "--embeddings", demo, "--groups", tmp_path / "g.csv")
+    assert r.returncode == 0 and f"note: --embeddings {demo} holds" in r.stdout, r.stdout
+
+
 def test_connected_groups_and_representative():
     a, b = np.array([0, 1, 5]), np.array([1, 2, 6])
     labels = dedup_cli.connected_groups(8, a, b)
@@ -432,8 +490,6 @@ def test_match_bad_input_exit_2(tmp_path, copies, case):
 def test_dedup_bad_input_exit_2(tmp_path, copies):
     r = run_cli("dedup", "--embeddings", tmp_path / "missing", "--groups", tmp_path / "g.csv")
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("dedup", "--embeddings", copies["q"])
-    assert r.returncode == 2 and "nothing to write" in r.stderr
     r = run_cli("dedup", "--embeddings", copies["q"], "--groups", tmp_path / "g.txt")
     assert r.returncode == 2 and ".csv or .parquet" in r.stderr
     r = run_cli("dedup", "--embeddings", copies["q"], "--background", copies["b"],
@@ -476,5 +532,16 @@ def test_evaluate_cli_on_facts_vector(tmp_path, capsys):
 def test_help_shows_defaults():
     r = run_cli("match", "--help")
     assert r.returncode == 0 and "(default: 10)" in r.stdout and "0.75" in r.stdout
+    assert "FACTS" not in r.stdout  # no internal notes
     r = run_cli("dedup", "--help")
     assert r.returncode == 0 and "(default: 20)" in r.stdout
+    assert r.stdout.startswith("usage: python client/dedup.py ")
+
+
+@pytest.mark.parametrize("name", ["dedup", "match", "evaluate", "postprocess"])
+def test_help_names_the_installed_command(name):
+    """`sscd-dedup --help` says sscd-dedup, not dedup.py."""
+    code = (f"import sys; sys.argv[0] = '/venv/bin/sscd-{name}'; "
+            f"from sscd_triton.cli.{name} import main; main(['--help'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith(f"usage: sscd-{name} "), r.stdout[:200]

@@ -76,6 +76,20 @@ def test_quick_sweep_writes_csv_machine_and_plot(perf_analyzer, tmp_path):
     assert "int8 speed-up, same run: served ensemble at its best concurrency" in proc.stdout
 
 
+def test_a_users_sweep_leaves_the_committed_results_alone():
+    """By default a run writes to a git-ignored folder; the committed reference results
+    under benchmarks/results only with --reference."""
+    from sscd_triton.cli import sweep as sweep_cli
+
+    out = sweep_cli.parse_args([]).out
+    assert os.path.commonpath([out, os.path.join(ROOT, "benchmarks")]) != os.path.join(
+        ROOT, "benchmarks"), out
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(out, "x.csv")], cwd=ROOT)
+    assert ignored.returncode == 0, f"{out} is not git-ignored"
+    assert sweep_cli.parse_args(["--reference"]).out == os.path.join(ROOT, "benchmarks", "results")
+    assert sweep_cli.parse_args(["--out", "/tmp/s"]).out == "/tmp/s"
+
+
 def test_sweep_without_perf_analyzer_says_how_to_install(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--quick",

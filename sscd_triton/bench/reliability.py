@@ -551,15 +551,16 @@ def sigterm(ctx: Context, server: TritonServer, exit_timeout: int) -> tuple[dict
 
 
 def _input_folder(ctx: Context, name: str, count: int) -> tuple[Path, dict]:
-    """`count` symlinks to the photographs: {path: photo index}."""
+    """`count` copies of the photographs (not links: sscd-embed names a link by its
+    target): {path: photo index}."""
     folder = ctx.work / name
     folder.mkdir()
     paths = samples.photograph_paths()
     expected = {}
     for k in range(count):
-        link = folder / f"{k:05d}-{Path(paths[k % len(paths)]).name}"
-        os.symlink(paths[k % len(paths)], link)
-        expected[str(link)] = k % len(paths)
+        copy = folder / f"{k:05d}-{Path(paths[k % len(paths)]).name}"
+        shutil.copyfile(paths[k % len(paths)], copy)
+        expected[os.path.realpath(copy)] = k % len(paths)  # its id
     return folder, expected
 
 

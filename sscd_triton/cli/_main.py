@@ -25,6 +25,11 @@ def run_main(problems: list[str], run: Callable[[], int],
         return EXIT_INTERRUPTED
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """"1 request", "2 requests": the commands' summaries count things."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def command(script: str) -> str:
     """How to run the project's command `script` (e.g. "export/build_repository.py") the way
     this process was run: its `sscd-*` entry point when installed as one, `python -m` when

@@ -16,15 +16,23 @@ lower it for heavier edits at the cost of false groups. With --background (score
 normalisation) the scores shift: give --threshold explicitly (calibrate it with
 evaluate.py's threshold@P90).
 
-Outputs (each .csv or .parquet, by the name's extension; written atomically):
+Outputs (each .csv or .parquet, by the name's extension; written atomically; with
+neither, the pairs are printed as CSV on stdout and the summary goes to stderr):
   --pairs   id_a,id_b,score: every near-duplicate pair once, best first (with score
             normalisation, which is not symmetric, a pair's score is the larger of its
             two directions)
   --groups  group_id,id,representative,group_size: one row per item in a group of two or
             more (items with no near-duplicate are in no group); groups numbered from 0
-            by size, largest first; rows in collection order. The representative is the
-            member with the most pairs in its group (ties: the first in collection
-            order): keep the rows where id == representative to keep one per group.
+            by size, largest first; rows in collection order. Keep the rows where
+            id == representative to keep one per group.
+
+--keep chooses each group's representative (the summary says which):
+  largest     the largest resolution (width x height, read from the image header at the
+              id's path), then the largest file, then most pairs (files that cannot be
+              read, e.g. ids from another machine, count as 0 and are counted)
+  most-pairs  the member with the most near-duplicate pairs in its group
+  first       the first in collection order
+  ties always go to the first in collection order.
 
 Pairs come from each item's k nearest neighbours, so an item with more than k
 near-duplicates lists only k of them; groups are still complete wherever those pairs
@@ -35,24 +43,30 @@ output: one line, nothing written); 130 interrupted.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import numpy as np
 
+from sscd_triton import images
 from sscd_triton.cli.match import (COPY_THRESHOLD, EXIT_OK,
-                                   add_search_arguments, index_line, logger, parser_for,
-                                   run_search, score_text, search_problems, text_writer)
+                                   add_search_arguments, demo_notes, index_line, logger,
+                                   parser_for, run_search, score_text, search_problems,
+                                   text_writer)
 from sscd_triton.client import search
 from sscd_triton.files import OutputError, check_writable, write_atomic
-from sscd_triton.cli._main import run_main
+from sscd_triton.cli._main import plural, run_main
 
 DEFAULT_K = 20
 FORMATS = (".csv", ".parquet")
+KEEP = {"largest": "the largest resolution, then the largest file, then most pairs",
+        "most-pairs": "the member with the most pairs",
+        "first": "the first in collection order"}
 
 
 def parse_args(argv=None):
-    p = parser_for(__doc__, "dedup.py")
+    p = parser_for(__doc__, "client/dedup.py")
     p.add_argument("--embeddings", required=True, metavar="EMBEDDINGS",
                    help="the collection (embed.py output: folder or .npz)")
     p.add_argument("--threshold", type=float, default=None,
@@ -61,14 +75,14 @@ def parse_args(argv=None):
     p.add_argument("--pairs", metavar="FILE", help="id_a,id_b,score (.csv or .parquet)")
     p.add_argument("--groups", metavar="FILE",
                    help="group_id,id,representative,group_size (.csv or .parquet)")
+    p.add_argument("--keep", choices=list(KEEP), default="largest",
+                   help="each group's representative (see above)")
     add_search_arguments(p, DEFAULT_K)
     return p.parse_args(argv)
 
 
 def problems_of(args) -> list[str]:
     out = search_problems(args)
-    if not args.pairs and not args.groups:
-        out.append("nothing to write: give --groups FILE and/or --pairs FILE")
     for flag, path in (("--pairs", args.pairs), ("--groups", args.groups)):
         if path and not path.lower().endswith(FORMATS):
             out.append(f"{flag} {path}: name it .csv or .parquet")
@@ -121,21 +135,25 @@ def connected_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(in_pair, roots, -1)
 
 
-def groups_table(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
+def groups_table(labels: np.ndarray, a: np.ndarray, b: np.ndarray,
+                 prefer: list[np.ndarray] | None = None) -> dict:
     """Columns of the groups output, by position: group_id (by size, largest first,
-    then first member), member position, representative position, group size."""
+    then first member), member position, representative position, group size.
+    `prefer`: per-position keys [n], most important first, larger preferred, choosing
+    the representative (default: most pairs); ties go to the first position."""
     members = np.nonzero(labels >= 0)[0]
     if len(members) == 0:
         empty = np.zeros(0, np.int64)
         return {"group_id": empty, "member": empty, "representative": empty, "size": empty}
-    degree = np.bincount(np.concatenate([a, b]), minlength=len(labels))
+    if prefer is None:
+        prefer = [pair_counts(len(labels), a, b)]
     roots, inverse, sizes = np.unique(labels[members], return_inverse=True, return_counts=True)
     # roots are each group's smallest position: order groups by size desc, then root
     rank = np.empty(len(roots), np.int64)
     rank[np.lexsort((roots, -sizes))] = np.arange(len(roots))
     group = rank[inverse]
-    # representative: most pairs, then first position
-    order = np.lexsort((members, -degree[members], group))
+    # representative: the preferred keys, then first position
+    order = np.lexsort((members, *[-key[members] for key in reversed(prefer)], group))
     first_of_group = np.ones(len(order), bool)
     first_of_group[1:] = group[order][1:] != group[order][:-1]
     rep = np.empty(len(roots), np.int64)
@@ -143,6 +161,30 @@ def groups_table(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
     rows = np.lexsort((members, group))
     return {"group_id": group[rows], "member": members[rows],
             "representative": rep[group[rows]], "size": sizes[inverse][rows]}
+
+
+def pair_counts(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Near-duplicate pairs of each position [n]."""
+    return np.bincount(np.concatenate([a, b]), minlength=n)
+
+
+def largest_keys(ids: np.ndarray, members: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """`--keep largest`'s keys (pixels, file bytes; 0 for other positions) and how many
+    of `members` could not be read."""
+    pixels = np.zeros(len(ids), np.int64)
+    size = np.zeros(len(ids), np.int64)
+    unread = 0
+    for m in members.tolist():
+        wh = images.header_size(ids[m])
+        if wh is None:
+            unread += 1
+            continue
+        pixels[m] = wh[0] * wh[1]
+        try:
+            size[m] = os.path.getsize(ids[m])
+        except OSError:
+            pass
+    return [pixels, size], unread
 
 
 def write_table(path: str, columns: dict) -> None:
@@ -179,7 +221,21 @@ def run(args) -> int:
     ids = result.reference_ids
     n = len(ids)
     labels = connected_groups(n, a, b)
-    g = groups_table(labels, a, b)
+    prefer, unread = None, 0
+    if args.keep == "largest":
+        keys, unread = largest_keys(ids, np.nonzero(labels >= 0)[0])
+        prefer = keys + [pair_counts(n, a, b)]
+    elif args.keep == "first":
+        prefer = []
+    g = groups_table(labels, a, b, prefer)
+    # with no output named, the pairs are the output: CSV on stdout, the summary aside
+    to_stdout = not args.pairs and not args.groups
+    say = (lambda m: print(m, file=sys.stderr)) if to_stdout else print
+    if to_stdout:
+        text_writer(lambda w: (w.writerow(["id_a", "id_b", "score"]),
+                               w.writerows(zip(ids[a], ids[b], score_text(s)))))(
+            sys.stdout.buffer)
+        sys.stdout.flush()
     if args.pairs:
         write_table(args.pairs, {"id_a": ids[a], "id_b": ids[b], "score": s})
     if args.groups:
@@ -189,15 +245,23 @@ def run(args) -> int:
     n_groups = int(g["group_id"].max()) + 1 if len(g["group_id"]) else 0
     in_groups = len(g["member"])
     largest = int(g["size"].max()) if in_groups else 0
-    print(f"{n} items ({result.stats['dims']}-d), k={args.k}, {index_line(result.stats)}"
-          + (f", score normalisation {args.score_norm} against {args.background}"
-             if args.background else ""))
-    print(f"{len(a)} near-duplicate pairs scoring >= {threshold}; {n_groups} groups holding "
-          f"{in_groups} items (largest {largest}); keeping one per group removes "
-          f"{in_groups - n_groups} items ({time.perf_counter() - t0:.1f} s)")
+    say(f"{n} items ({result.stats['dims']}-d), k={args.k}, {index_line(result.stats)}"
+        + (f", score normalisation {args.score_norm} against {args.background}"
+           if args.background else ""))
+    say(f"{plural(len(a), 'near-duplicate pair')} scoring >= {threshold}; "
+        f"{plural(n_groups, 'group')} holding {plural(in_groups, 'item')} (largest {largest}); "
+        f"keeping one per group removes {plural(in_groups - n_groups, 'item')} "
+        f"({time.perf_counter() - t0:.1f} s)")
+    if n_groups:
+        cannot = (f"; {unread} of {in_groups} members' files could not be read (counted as 0)"
+                  if unread else "")
+        say(f"representatives (--keep {args.keep}): {KEEP[args.keep]}, ties to the first in "
+            f"collection order{cannot}")
     for flag, path in (("pairs", args.pairs), ("groups", args.groups)):
         if path:
-            print(f"{flag}: {path}")
+            say(f"{flag}: {path}")
+    for note in demo_notes((("--embeddings", args.embeddings),)):
+        say(note)
     return EXIT_OK
 
 

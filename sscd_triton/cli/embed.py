@@ -6,10 +6,14 @@
     python client/embed.py @list.txt 'shots/**/*.png' --url 127.0.0.1:8001 --output small.npz
 
 INPUT: files; directories (walked recursively: image extensions, plus files without
-one whose first bytes are an image signature); glob patterns; list files (`@list.txt`,
-or any existing `.txt`/`.lst` file: one path per line); `-` for paths on stdin.
-Inputs are enumerated lazily and de-duplicated; ids are the paths as given. A path that
-does not exist is a usage error (exit 2), found before anything runs.
+one whose first bytes are an image signature; any other file is recorded as a failure,
+"not an accepted image type", counted by type in the summary); glob patterns; list files
+(`@list.txt`, or any existing `.txt`/`.lst` file: one path per line); `-` for paths on
+stdin. Inputs are enumerated lazily and de-duplicated. Ids: a file found through a file,
+folder or glob argument is named by its resolved absolute path (symbolic links
+resolved), so `dir`, `./dir`, `/abs/dir` and a link to it are the same inputs; lines of
+list files and stdin are kept as given. A path that does not exist is a usage error
+(exit 2), found before anything runs.
 
 --output DIR (the form for large collections): Parquet shards
 `DIR/embeddings/*.parquet` (`id` string, `embedding` fixed-size list of float32) and
@@ -39,9 +43,10 @@ Exit status:
   2  bad usage: arguments, an input that does not exist, an output written by another
      model or preprocessing (or being written by another embed.py), a partitioned input
      that changed, a model the server does not serve, an unusable --checkpoint
-  3  could not finish: no server answered for --give-up-after seconds (or a shard could
-     not be written); everything done so far is kept and rerunning the same command
-     resumes
+  3  could not start: no server at --url within a few seconds (refused, unknown host,
+     not gRPC); or could not finish: no server answered for --give-up-after seconds (or
+     a shard could not be written); everything done so far is kept and rerunning the
+     same command resumes
   4  --check-parity: a parity bound failed (takes precedence over 1)
   130 interrupted (Ctrl-C, SIGTERM); resumable like 3
 """
@@ -61,11 +66,15 @@ from sscd_triton import spec
 from sscd_triton.cli._help import DefaultsHelpFormatter
 from sscd_triton.client import io as outio
 from sscd_triton.client import pipeline, sources, transport
-from sscd_triton.cli._main import run_main
+from sscd_triton.cli._main import command, plural, run_main
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_UNFINISHED, EXIT_PARITY = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
 DEFAULT_BATCH = spec.CLIENT_BATCH  # the gpu repository is sized for it (serving/repository.py)
+DEFAULT_URL = "127.0.0.1:8001"
+# A server that is not there at start fails the run this fast (a wrong address).
+START_TIMEOUT = 5.0
+FIRST_FAILURES = 5  # reasons shown at the end of a run
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -80,13 +89,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
 def parse_args(argv=None) -> argparse.Namespace:
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(
-        description=doc[0], formatter_class=_Formatter,
+        prog=command("client/embed.py"), description=doc[0], formatter_class=_Formatter,
         epilog="\n\n".join(doc[2:]))
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files, folders, glob patterns, @list files, or - for stdin")
-    p.add_argument("--url", action="append", required=True, metavar="HOST:PORT",
-                   help="Triton gRPC endpoint (port 8001 by default, not the HTTP 8000); "
-                        "repeat to spread requests over servers")
+    p.add_argument("--url", action="append", metavar="HOST:PORT",
+                   help=f"Triton gRPC endpoint ({DEFAULT_URL} when not given; gRPC is port "
+                        "8001 by default, not the HTTP 8000); repeat to spread requests over "
+                        "servers")
     p.add_argument("--output", required=True,
                    help="a folder (Parquet shards) or a file name ending .npz")
     p.add_argument("--batch-size", type=int, default=None,
@@ -113,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help=f"model to call (when not given: {spec.ENSEMBLE_NAME!r}, or "
                                     f"{spec.DESCRIPTOR_MODEL!r} with --preprocess client)")
     p.add_argument("--give-up-after", type=float, default=120.0, metavar="SECONDS",
-                   help="stop (exit 3) when no server has answered for this long")
+                   help="stop (exit 3) when no server has answered for this long (a server "
+                        f"lost mid-run; one not there at start fails within {START_TIMEOUT:g}s)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="deadline of one request")
     p.add_argument("--shard-size", type=int, default=10000, help="descriptors per shard file")
@@ -140,7 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ray-actors", type=int, default=0, metavar="N",
                    help="with --ray: actors in the pool, each with --concurrency requests in "
                         "flight (0: one per CPU of the Ray cluster)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.url = args.url or [DEFAULT_URL]
+    return args
 
 
 def validate(args) -> list[str]:
@@ -235,27 +248,80 @@ class Progress:
             self.bar = None
 
 
-async def describe(endpoints: transport.Endpoints, model: str, headers: dict | None) -> dict:
+async def describe(endpoints: transport.Endpoints, model: str, headers: dict | None,
+                   start_timeout: float = START_TIMEOUT) -> dict:
     """The served model's facts from the first server that answers: dims, max batch,
-    input name, preprocessing preset and identity, as far as the server tells them."""
+    input name, preprocessing preset and identity, as far as the server tells them.
+
+    A server that is not there (refused, unknown host, not gRPC, silent) is GiveUp after
+    `start_timeout` seconds, naming each address and why: only servers lost mid-run get
+    the patient --give-up-after. One that answers, even "not ready", gets that budget."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(start_timeout, endpoints.give_up_after)
+    heard = False
+    # Endpoint notes wait until a server is heard: a failed start is the one error line.
+    held: list[str] = []
+    say, endpoints.on_change = endpoints.on_change, held.append
+
+    def left() -> float | None:
+        if heard:
+            return None
+        if loop.time() >= deadline:
+            raise transport.GiveUp(not_there(endpoints, start_timeout))
+        return deadline - loop.time()
+
+    def hear() -> None:
+        nonlocal heard
+        heard, endpoints.on_change = True, say
+        for message in held:
+            say(message)
+        held.clear()
+
+    try:
+        return await _first_facts(endpoints, model, headers, left, hear)
+    finally:
+        endpoints.on_change = say
+
+
+async def _first_facts(endpoints, model, headers, left, hear) -> dict:
+    """describe's loop: `left()` is the time left to hear a server (None once one was
+    heard; raises GiveUp when it is over), `hear()` says one was."""
     while True:
-        ep = await endpoints.pick()
         try:
-            info = await _model_facts(ep.client, model, headers)
+            ep = await asyncio.wait_for(endpoints.pick(), left())
+        except TimeoutError:
+            left()  # raises GiveUp
+            continue
+        try:
+            info = await asyncio.wait_for(_model_facts(ep.client, model, headers), left())
         except transport.Fatal:
+            hear()
             await endpoints.report(ep, True)
             raise
+        except TimeoutError:
+            await endpoints.report(ep, False, TimeoutError("no answer"))
+            continue
         except (InferenceServerException, OSError) as e:
             if transport.classify(e) == transport.RESTRICTED:
+                hear()
                 await endpoints.report(ep, True)
                 raise transport.restricted(ep.url, e) from None
+            if transport.answered(e):
+                hear()
             await endpoints.report(ep, False, e)
             continue
         except BaseException:
             endpoints.release(ep)
             raise
+        hear()
         await endpoints.report(ep, True)
         return info
+
+
+def not_there(endpoints: transport.Endpoints, seconds: float) -> str:
+    """Why no server could be reached at start, in one line."""
+    return f"no server within {seconds:g}s: " + "; ".join(
+        f"{e.url} ({e.last_error or 'no answer'})" for e in endpoints.all)
 
 
 def _parameter(config: dict, key: str) -> str | None:
@@ -482,14 +548,38 @@ async def run(args) -> int:
         raise UsageError(str(e)) from None
     elapsed = time.monotonic() - started
     new = store.new_embedded + store.new_failed
-    print(f"summary: embedded {store.new_embedded}, failed {store.new_failed}, skipped "
+    print(f"summary: embedded {store.new_embedded}, failed {store.new_failed}"
+          f"{by_type(stats.unaccepted)}, skipped "
           f"{stats.skipped} (done before, or named twice), elapsed {elapsed:.1f}s, "
           f"{new / max(elapsed, 1e-9):.1f} images/s "
-          f"({sender.requests} requests); {args.output} holds {store.embedded} descriptors, "
-          f"{store.failed} failures in {outio.failures_path(args.output)}", flush=True)
+          f"({plural(sender.requests, 'request')}); {args.output} holds {store.embedded} "
+          f"descriptors, {store.failed} failures in {outio.failures_path(args.output)}",
+          flush=True)
+    end_notes(args.output, store.failed, info.get("sscd_model"))
     status = EXIT_FAILURES if store.failed else EXIT_OK
     return with_parity(args, status, mode, not client_side and info.get("resampled", False),
                        info.get("precision") == "int8")
+
+
+def by_type(unaccepted) -> str:
+    """The summary's count of files of a type not accepted (a Counter by file type)."""
+    if not unaccepted:
+        return ""
+    types = ", ".join(f"{t} {n}" for t, n in unaccepted.most_common())
+    return f" ({sum(unaccepted.values())} {sources.NOT_ACCEPTED}: {types})"
+
+
+def end_notes(output: str, failed: int, sscd_model: str | None) -> None:
+    """After the summary: the first failures' reasons, and what demo weights mean."""
+    if failed:
+        shown = outio.first_failures(output, FIRST_FAILURES)
+        which = (f"first {len(shown)}, {failed - len(shown)} more" if failed > len(shown)
+                 else str(failed))
+        print(f"failures ({which}; all in {outio.failures_path(output)}):")
+        for record in shown:
+            print(f"  {record['id']}: {record['reason']}")
+    if sscd_model == spec.DEMO_MODEL_NAME:
+        print(f"note: the server serves {spec.DEMO_NOTE}", flush=True)
 
 
 def with_parity(args, status: int, mode: spec.Preprocess, resampled: bool,

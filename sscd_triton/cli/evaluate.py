@@ -40,7 +40,7 @@ class InputError(ValueError):
 
 
 def parse_args(argv=None):
-    p = parser_for(__doc__, "evaluate.py")
+    p = parser_for(__doc__, "client/evaluate.py")
     p.add_argument("--matches", required=True, metavar="CSV",
                    help="predictions: query_id,reference_id,score")
     p.add_argument("--ground-truth", required=True, metavar="CSV",

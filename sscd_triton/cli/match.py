@@ -15,10 +15,9 @@ reference order), written atomically. DISC ground-truth files are
 Scores are inner products of the L2-normalised descriptors (= cosine). Threshold: by
 default every query keeps its k matches (what evaluate.py needs: uAP counts the low
 scores too). To decide "copy or not", use --threshold: upstream SSCD gives cosine 0.75 as
-about 90% precision for sscd_disc_mixup on DISC2021 without postprocessing (FACTS: "cosine
-> 0.75 means copy at 90% precision"). Score normalisation and PCA whitening shift the
-scores, so calibrate a threshold for them on your own ground truth with evaluate.py
-(threshold@P90).
+about 90% precision for sscd_disc_mixup on DISC2021 without postprocessing. Score
+normalisation and PCA whitening shift the scores, so calibrate a threshold for them on
+your own ground truth with evaluate.py (threshold@P90).
 
 --score-norm (with --background B, e.g. descriptors of training images from the target
 distribution, never the queries or references): upstream's score normalisation
@@ -51,7 +50,9 @@ from sscd_triton.cli._help import DefaultsHelpFormatter
 from sscd_triton.client import search
 from sscd_triton.client.postprocess import ScoreNorm
 from sscd_triton.files import OutputError, check_writable, write_atomic
-from sscd_triton.cli._main import run_main
+from sscd_triton import spec
+from sscd_triton.cli._main import command, plural, run_main
+from sscd_triton.client.io import recorded_model
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 COPY_THRESHOLD = 0.75  # upstream: cosine > 0.75 = copy at ~90% precision (sscd_disc_mixup, DISC)
@@ -61,10 +62,17 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
     """The description and epilog as written; every option's default shown."""
 
 
-def parser_for(doc: str, prog: str) -> argparse.ArgumentParser:
+def parser_for(doc: str, script: str) -> argparse.ArgumentParser:
+    """The parser of the command `script` (e.g. "client/match.py"), named as it was called."""
     parts = doc.split("\n\n")
-    return argparse.ArgumentParser(prog=prog, description=parts[0], formatter_class=_Formatter,
-                                   epilog="\n\n".join(parts[1:]))
+    return argparse.ArgumentParser(prog=command(script), description=parts[0],
+                                   formatter_class=_Formatter, epilog="\n\n".join(parts[1:]))
+
+
+def demo_notes(named: tuple[tuple[str, str], ...]) -> list[str]:
+    """A note for each (flag, embeddings path) whose descriptors come from demo weights."""
+    return [f"note: {flag} {path} holds descriptors of {spec.DEMO_NOTE}"
+            for flag, path in named if recorded_model(path) == spec.DEMO_MODEL_NAME]
 
 
 def add_search_arguments(p: argparse.ArgumentParser, k: int) -> None:
@@ -158,7 +166,7 @@ def text_writer(write_rows):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = parser_for(__doc__, "match.py")
+    p = parser_for(__doc__, "client/match.py")
     p.add_argument("--queries", required=True, metavar="EMBEDDINGS",
                    help="query descriptors (embed.py output: folder or .npz)")
     p.add_argument("--references", required=True, metavar="EMBEDDINGS",
@@ -194,14 +202,18 @@ def run(args) -> int:
 
     write_atomic(args.output, text_writer(rows))
     st = result.stats
-    print(f"{counts['queries']} queries x {st['references']} references ({st['dims']}-d), "
-          f"k={args.k}, {index_line(st)}"
+    print(f"{plural(counts['queries'], 'query', 'queries')} x "
+          f"{plural(st['references'], 'reference')} ({st['dims']}-d), k={args.k}, "
+          f"{index_line(st)}"
           + (f", score normalisation {args.score_norm} against {args.background}"
              if args.background else ""))
-    kept = (f"scoring >= {args.threshold}: {counts['matched']} queries with a match"
+    kept = (f"scoring >= {args.threshold}: {plural(counts['matched'], 'query', 'queries')} "
+            "with a match"
             if args.threshold is not None else "(no threshold: every query's k best)")
-    print(f"{counts['pairs']} pairs {kept}; written to {args.output} "
+    print(f"{plural(counts['pairs'], 'pair')} {kept}; written to {args.output} "
           f"({time.perf_counter() - t0:.1f} s)")
+    for note in demo_notes((("--queries", args.queries), ("--references", args.references))):
+        print(note)
     return EXIT_OK
 
 

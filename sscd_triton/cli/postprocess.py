@@ -22,12 +22,14 @@ import argparse
 import sys
 
 from sscd_triton.cli._help import DefaultsHelpFormatter
+from sscd_triton.cli._main import command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from sscd_triton.client.postprocess import METHODS
 
-    p = argparse.ArgumentParser(prog="sscd-postprocess", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=command("client/postprocess.py"),
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit centering or whitening on sample descriptors",

@@ -2,16 +2,17 @@
 """The served sweep with NVIDIA's perf_analyzer, in-process rows beside it, CSV + plot.
 
     python benchmarks/sweep.py                      # build + serve a cpu repository, full sweep
+    python benchmarks/sweep.py --reference          # the same, rewriting benchmarks/results
     python benchmarks/sweep.py --quick --out /tmp/s # a few seconds per point (the test)
     python benchmarks/sweep.py --url HOST:8001 --tag gpu --no-inprocess   # a running server
-
     python benchmarks/sweep.py --precision fp32 int8   # both, one after the other, one run
 
-Writes into --out (default benchmarks/results): perf-ensemble-TAG.csv and
+Writes into --out (default runs/benchmarks, git-ignored; --reference: benchmarks/results,
+the committed reference results): perf-ensemble-TAG.csv and
 perf-descriptor-TAG.csv (perf_analyzer's CSV columns, one row per point, then Mode, Batch,
 Images/Second, Stability %, Window ms, Load Average and the composing models' mean batch /
 queue / compute),
-inprocess-TAG.csv, machine-TAG.txt and throughput-latency-TAG.png. Prints the ratio of the
+inprocess-TAG.csv, machine-TAG.txt and throughput-latency-TAG.png (TAG-int8 for int8). Prints the ratio of the
 served ensemble at its best concurrency to the in-process pipeline (decode + resize + ONNX
 Runtime, no server) on the same photographs. Exit status 0; 1 when a point could not be
 measured (the others are still written); 2 on bad arguments or without perf_analyzer
@@ -30,6 +31,8 @@ from sscd_triton import spec
 from sscd_triton.bench import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+USER_OUT = os.path.join(ROOT, "runs", "benchmarks")
+REFERENCE_OUT = os.path.join(ROOT, "benchmarks", "results")
 
 
 def _ints(text: str) -> list[int]:
@@ -38,8 +41,11 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
-                   help="folder for the CSVs, machine file and plot (default benchmarks/results)")
+    p.add_argument("--out", help="folder for the CSVs, machine file and plot (default "
+                                 f"{os.path.relpath(USER_OUT, ROOT)}, git-ignored)")
+    p.add_argument("--reference", action="store_true",
+                   help="write the committed reference results, "
+                        f"{os.path.relpath(REFERENCE_OUT, ROOT)} (not with --out)")
     p.add_argument("--tag", help="file name suffix (default: gpu when nvidia-smi sees one, else cpu)")
     p.add_argument("--repository", help="serve this model repository instead of building a cpu "
                                         "one (its sscd_descriptor/1/model.onnx feeds the in-process rows)")
@@ -93,6 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.repository or args.url) and len(args.precision) > 1:
         p.error("one --precision with --repository or --url: a server serves what it was "
                 "built with")
+    if args.reference and args.out:
+        p.error("--reference and --out exclude each other")
+    # a user's run never rewrites the tracked reference results unless asked to
+    args.out = args.out or (REFERENCE_OUT if args.reference else USER_OUT)
     return args
 
 

@@ -33,9 +33,11 @@ def storable(id_: str) -> str:
 
 
 def digest(id_: str) -> bytes:
-    """The key of an id: `./a.jpg` and `a.jpg`, `dir//x` and `dir/x` are the same input,
-    and so are an input and its stored form (`storable`)."""
-    norm = os.path.normpath(storable(id_))
+    """The key of an id: `./a.jpg`, `a.jpg` and its absolute path, `dir//x` and `dir/x`
+    are the same input (a relative path is read from the working directory, so it names
+    the file that absolute path names), and so are an input and its stored form
+    (`storable`)."""
+    norm = os.path.abspath(storable(id_))
     return hashlib.blake2b(norm.encode("utf-8"), digest_size=DIGEST).digest()
 
 

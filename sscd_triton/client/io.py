@@ -63,6 +63,9 @@ LOCK = ".lock"
 PARTIAL_SUFFIX = ".partial"
 DEFAULT_PART = "part"
 UNKNOWN = "unknown"
+# How the ids of files found on the file system are written (sources.canonical); outputs
+# older than that say "as given" (manifest "ids"), and resuming one resolves their ids too.
+IDS_RESOLVED, IDS_AS_GIVEN = "resolved paths", "as given"
 CREATED_BY = "sscd-triton embed.py"
 # What produced the descriptors; runs writing into one output must agree (identity_conflict).
 # "postprocess": set by `sscd-postprocess apply` (unknown for raw descriptors), so raw
@@ -314,8 +317,9 @@ def iter_shards(path: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 def load_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Read an output of any form (an `.npz`, a Parquet folder, a version-1 folder).
 
-    Returns `(ids, embeddings)`: `ids` an object array [N] of str (the input paths as
-    given); `embeddings` float32 [N, dims], row i the descriptor of `ids[i]`.
+    Returns `(ids, embeddings)`: `ids` an object array [N] of str (resolved paths of
+    files found on the file system, list and stdin lines as given); `embeddings`
+    float32 [N, dims], row i the descriptor of `ids[i]`.
     """
     ids, embs = [], []
     for i, e in iter_shards(path):
@@ -325,6 +329,33 @@ def load_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
         dims = int((read_manifest(path) or {}).get("dims") or 0)
         return np.zeros(0, dtype=object), np.zeros((0, dims), np.float32)
     return np.concatenate(ids), np.concatenate(embs).astype(np.float32, copy=False)
+
+
+def first_failures(path: str, n: int) -> list[dict]:
+    """The first `n` failure records of a finished output (shard by shard: a folder with
+    millions of failures is not read whole)."""
+    if is_npz(path):
+        return read_failures(failures_path(path))[:n]
+    out = read_failures(os.path.join(path, FAILURES))[:n]  # version-1 folders
+    _, pq = _pa()
+    for name in _shard_files(path, FAILURE_SHARDS):
+        if len(out) >= n:
+            break
+        out.extend(pq.read_table(os.path.join(path, FAILURE_SHARDS, name)).to_pylist())
+    return out[:n]
+
+
+def recorded_model(path: str) -> str | None:
+    """The `sscd_model` an output records (None when it records none or is unreadable)."""
+    try:
+        if is_npz(path):
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"])) if "meta" in z else {}
+        else:
+            meta = read_manifest(path) or {}
+    except Exception:  # noqa: BLE001  (unreadable: the search says so itself)
+        return None
+    return meta.get("sscd_model")
 
 
 def load_failures(path: str) -> list[dict]:
@@ -469,7 +500,9 @@ class ShardStore(_HoldsLock):
                 self.partition_size = int(found["partition_size"])
         else:
             self.manifest = {"format": FORMAT, "version": VERSION, **self.meta,
-                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "ids": IDS_RESOLVED}
+        self.manifest.setdefault("ids", IDS_AS_GIVEN)  # once as given, always (its shards)
         self.manifest["resume"] = "partitions" if self.partitioned else "ids"
         self.manifest["partition_size"] = self.partition_size if self.partitioned else None
         self.manifest.pop("layout", None)
@@ -504,6 +537,11 @@ class ShardStore(_HoldsLock):
         self.manifest["complete"] = False
         self._write_manifest()
         return self
+
+    @property
+    def ids_as_given(self) -> bool:
+        """Whether some shards may hold file ids as given, not resolved (an older run)."""
+        return self.manifest.get("ids") != IDS_RESOLVED
 
     def done_ids(self) -> Iterator[list[str]]:
         """Every id already embedded or failed, a shard at a time (resume by ids)."""

@@ -26,7 +26,7 @@ import concurrent.futures
 import io
 import itertools
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -55,6 +55,7 @@ class Options:
 class Stats:
     inputs: int = 0  # new inputs found this run
     skipped: int = 0  # already done by an earlier run, or named twice
+    unaccepted: Counter = field(default_factory=Counter)  # new inputs of another type, by type
 
 
 class PartId(str):
@@ -90,6 +91,8 @@ def plan(store, args: list[str], exclude: Iterable[str] = (),
             seen = IdSet()
             for ids in store.done_ids():
                 seen.add_new(ids)
+                if getattr(store, "ids_as_given", False):  # an older run's spelling
+                    seen.add_new([sources.canonical(i) for i in ids])
             return seen
         yield Unit(sources.iter_inputs(args, stdin=stdin, exclude=exclude), load_done)
         return
@@ -271,7 +274,9 @@ async def run(units: Iterable[Unit], sink: Sink, sender: Sender, opts: Options,
             loaded = await asyncio.gather(*(loop.run_in_executor(pool, load_item, i, p, opts)
                                             for i, p in kept))
             items = []
-            for (id_, _), x in zip(kept, loaded):
+            for (id_, problem), x in zip(kept, loaded):
+                if problem is not None and problem.startswith(sources.NOT_ACCEPTED):
+                    stats.unaccepted[sources.file_type(id_)] += 1
                 if isinstance(x, str):
                     sink.failure(id_, x)
                 else:

@@ -9,8 +9,9 @@ inputs into partitions:
   cuts them (same keys, same fingerprints: either command resumes the other's output);
 - otherwise (files, folders, globs): the de-duplicated, sorted listing of every input,
   cut into `--partition-size` entries (`InputsPartition`; keyed by a hash of the INPUT
-  arguments). A finished partition whose entries changed (a folder that gained files) is
-  a usage error, as for a changed list file.
+  arguments, resolved as the ids are: `dir`, `./dir` and a link to it are one key). A
+  finished partition whose entries changed (a folder that gained files) is a usage
+  error, as for a changed list file.
 
 Partitions with a done-marker are skipped unread; the others become one row each of
 `ray.data.from_items`, mapped with `map_batches(EmbedPartition, batch_size=1)` on an
@@ -32,6 +33,7 @@ output folder at the same paths (a shared file system on a cluster).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -41,6 +43,7 @@ import time
 
 from sscd_triton import spec
 from sscd_triton.client import io as outio
+from sscd_triton.cli._main import plural
 from sscd_triton.client import pipeline, sources, transport
 
 # Test hook: a file path; the first actor to claim it (creates it) writes one shard of
@@ -65,19 +68,26 @@ class InputsPartition(sources.Partition):
         return f"the inputs {names} (sorted) entries {start}-{start + len(self.lines) - 1}"
 
 
-def iter_partitions(args: list[str], size: int, exclude=(), stdin=None):
-    """The partitions of a run (see the module doc)."""
+def iter_partitions(args: list[str], size: int, exclude=(), stdin=None, resolve=True):
+    """The partitions of a run (see the module doc). `resolve`: ids and the partitions'
+    key from resolved paths (dir, ./dir and a link to it: the same partitions); False
+    for an output written before ids were resolved, keyed by the arguments as given."""
     if all(sources.is_listing(a) for a in args):
         yield from sources.iter_partitions(args, size, stdin=stdin)
         return
     found: dict[str, str | None] = {}
-    for id_, problem in sources.iter_inputs(args, stdin=stdin, exclude=exclude):
+    for id_, problem in sources.iter_inputs(args, stdin=stdin, exclude=exclude,
+                                            resolve=resolve):
         if id_ not in found or problem is None:
             found[id_] = problem  # a readable occurrence wins over a problem
+    named = args
+    if resolve:
+        named = list(dict.fromkeys(a if sources.is_listing(a) else sources.canonical(a)
+                                   for a in args))
     ordered = sorted(found)
     for index, start in enumerate(range(0, len(ordered), size)):
         lines = ordered[start:start + size]
-        part = InputsPartition("\0".join(args), index, lines, size)
+        part = InputsPartition("\0".join(named), index, lines, size)
         part.problems = {i: found[i] for i in lines if found[i]}
         yield part
 
@@ -365,11 +375,16 @@ def _run(args, embed) -> int:
                                   "folder or glob inputs): continue it without --ray, or use "
                                   "another --output")
         rows, skipped, keys = [], 0, []
-        for part in iter_partitions(args.inputs, store.partition_size, exclude=[store.folder]):
+        unaccepted = collections.Counter()
+        for part in iter_partitions(args.inputs, store.partition_size, exclude=[store.folder],
+                                    resolve=not store.ids_as_given):
             keys.append(part.key)
             marker = store.partition_marker(part.key)
             if marker is None:
                 rows.append(to_row(part))
+                unaccepted.update(sources.file_type(i) for i, p in
+                                  getattr(part, "problems", {}).items()
+                                  if p.startswith(sources.NOT_ACCEPTED))
             elif marker.get("fingerprint") != part.fingerprint:
                 raise UsageErrorProxy(str(outio.mismatch(part.describe(), args.output)))
             else:
@@ -448,11 +463,13 @@ def _run(args, embed) -> int:
               "to resume.", file=sys.stderr)
         return embed.EXIT_UNFINISHED
     elapsed = time.monotonic() - started
-    print(f"summary: embedded {embedded}, failed {failed}, skipped {skipped} (done before, or "
-          f"named twice), elapsed {elapsed:.1f}s, {(embedded + failed) / max(elapsed, 1e-9):.1f} "
-          f"images/s ({len(rows)} partitions on {actors} Ray actors); {args.output} holds "
-          f"{store.embedded} descriptors, {store.failed} failures in "
+    print(f"summary: embedded {embedded}, failed {failed}{embed.by_type(unaccepted)}, skipped "
+          f"{skipped} (done before, or named twice), elapsed {elapsed:.1f}s, "
+          f"{(embedded + failed) / max(elapsed, 1e-9):.1f} images/s "
+          f"({plural(len(rows), 'partition')} on {plural(actors, 'Ray actor')}); "
+          f"{args.output} holds {store.embedded} descriptors, {store.failed} failures in "
           f"{outio.failures_path(args.output)}", flush=True)
+    embed.end_notes(args.output, store.failed, info.get("sscd_model"))
     status = embed.EXIT_FAILURES if store.failed else embed.EXIT_OK
     return embed.with_parity(args, status, mode, not client_side and info.get("resampled", False),
                              info.get("precision") == "int8")

@@ -1,23 +1,28 @@
 """Lazy enumeration of the inputs to embed: files, directories, globs, list files, stdin.
 
 `iter_inputs(args)` yields `(id, problem)` pairs, one per input, without ever holding
-the whole collection: `id` is the path as given (or joined onto the directory given),
-`problem` is None or a sentence saying why the input cannot be read at all (a folder
-that cannot be listed, a pattern that matched nothing). Rules:
+the whole collection. `problem` is None or a sentence saying why the input cannot be
+embedded at all (a folder that cannot be listed, a pattern that matched nothing, a file
+of a type that is not accepted). Ids: a file found on the file system (a file, folder or
+glob argument) is named by `canonical`, its resolved absolute path, however it was
+spelled (`dir`, `./dir`, `/abs/dir`, a symbolic link to it: one id); lines of list files
+and stdin are kept as given. Rules:
 
-- an existing directory is walked recursively: files with an image extension
-  (`spec.IMAGE_EXTENSIONS`, any case) are inputs; other regular files are inputs when
-  their first bytes are an image signature (JPEG, PNG, GIF, BMP, TIFF, WebP); a file
-  that cannot even be opened to check is an input too (it then fails with the reason:
-  reported, never silently dropped). A directory named like an image (`x.jpg/`) is
-  itself an input (it fails: "is a directory") and is walked as well. Symbolic links
-  are followed, each directory visited once; `exclude` folders (the output) are skipped.
+- an existing directory is walked recursively and every file in it is an input: files
+  with an image extension (`spec.IMAGE_EXTENSIONS`, any case), and other files whose
+  first bytes are an image signature (JPEG, PNG, GIF, BMP, TIFF, WebP), are embedded;
+  any other file comes with the problem `unaccepted` (recorded as a failure with that
+  reason, never silently dropped); a file that cannot be opened to check, a FIFO or a
+  broken link is an input that fails with its reason. A directory named like an image
+  (`x.jpg/`) is itself an input (it fails: "is a directory") and is walked as well.
+  Symbolic links are followed, each directory visited once; `exclude` folders (the
+  output) are skipped.
 - `@FILE`, or an existing `*.txt` / `*.lst` file: a list, one path per line.
 - `-`: paths from standard input, one per line.
 - an argument with glob characters that names no existing path: a pattern
   (`**` recursive; Python's glob follows links to folders, even in cycles: give the
   folder itself for a cycle-safe walk); each match is handled as if given alone.
-- anything else: one input, as given. A path that does not exist is a usage error
+- anything else: one input (its `canonical` id). A path that does not exist is a usage error
   (`check_args`: exit 2 before anything runs); one that vanishes later fails with "no
   such file".
 
@@ -61,6 +66,30 @@ def sniff(path: str) -> bool | None:
             return is_image_signature(f.read(16))
     except OSError:
         return None
+
+
+NOT_ACCEPTED = "not an accepted image type"
+
+
+def file_type(path: str) -> str:
+    """What the summary counts a file of a type not accepted under: its extension."""
+    ext = os.path.splitext(os.path.basename(path))[1].lower()
+    return ext or "no extension"
+
+
+def unaccepted(path: str) -> str:
+    """The problem of a file found in a folder that is not an accepted image."""
+    return (f"{NOT_ACCEPTED} ({file_type(path)}): its first bytes are not those of "
+            f"{', '.join(images.FORMATS)}")
+
+
+def canonical(path: str) -> str:
+    """The id of a file named on the file system: its resolved absolute path (symbolic
+    links resolved), so that every spelling of a file is one id. A path that resolves
+    to nothing (a broken link, a file gone) keeps its own absolute path, so that its
+    failure names what was given."""
+    real = os.path.realpath(path)
+    return real if os.path.exists(real) else os.path.abspath(path)
 
 
 def is_list_file(arg: str) -> bool:
@@ -179,8 +208,11 @@ def _key(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def walk(top: str, exclude: set[tuple[int, int]]) -> Iterator[tuple[str, str | None]]:
-    """Inputs under directory `top`, lazily (files stream in directory order)."""
+def walk(top: str, exclude: set[tuple[int, int]],
+         resolve: bool = True) -> Iterator[tuple[str, str | None]]:
+    """Inputs under directory `top` (a `canonical` path), lazily (files stream in
+    directory order); their ids are canonical too, with a path resolution only for
+    symbolic links (`resolve` False: joined onto `top` as given, as older runs did)."""
     seen: set[tuple[int, int]] = set()
     stack = [top]
     while stack:
@@ -199,36 +231,40 @@ def walk(top: str, exclude: set[tuple[int, int]]) -> Iterator[tuple[str, str | N
                 for entry in entries:
                     path = os.path.join(folder, entry.name)
                     try:
+                        link = entry.is_symlink()
                         is_dir = entry.is_dir()
                         is_file = not is_dir and entry.is_file()
                     except OSError:
-                        is_dir = is_file = False
+                        link, is_dir, is_file = True, False, False
+                    if link and resolve:
+                        path = canonical(path)
                     if is_dir:
                         subdirs.append(path)
                         if has_image_extension(entry.name):
                             yield path, None  # fails as "a directory": reported, and walked
-                    elif has_image_extension(entry.name):
+                    elif has_image_extension(entry.name) or not is_file:
+                        yield path, None  # a FIFO, a broken link: fails with its reason
+                    elif sniff(path) is False:
+                        yield path, unaccepted(path)
+                    else:  # an image, or unreadable: it fails with the reason
                         yield path, None
-                    elif is_file:
-                        if sniff(path) is not False:  # an image, or unreadable: report it
-                            yield path, None
-                    elif entry.is_symlink() and sniff(path) is None:
-                        yield path, None  # broken link without an extension: report it
         except OSError as e:
             yield folder, f"cannot list the folder: {e.strerror.lower()}"
         stack.extend(sorted(subdirs, reverse=True))
 
 
-def _expand(arg: str, exclude) -> Iterator[tuple[str, str | None]]:
+def _expand(arg: str, exclude, resolve: bool) -> Iterator[tuple[str, str | None]]:
     if os.path.isdir(arg):
-        yield from walk(arg, exclude)
+        yield from walk(os.path.realpath(arg) if resolve else arg, exclude, resolve)
     else:
-        yield arg, None
+        yield canonical(arg) if resolve else arg, None
 
 
-def iter_inputs(args: Iterable[str], stdin: TextIO | None = None,
-                exclude: Iterable[str] = ()) -> Iterator[tuple[str, str | None]]:
-    """Every input named by `args`, lazily, as `(id, problem)` (see the module doc)."""
+def iter_inputs(args: Iterable[str], stdin: TextIO | None = None, exclude: Iterable[str] = (),
+                resolve: bool = True) -> Iterator[tuple[str, str | None]]:
+    """Every input named by `args`, lazily, as `(id, problem)` (see the module doc);
+    `resolve` False: file ids as given, as before ids were resolved (--ray continuing an
+    output of those, whose partitions are made of them)."""
     excluded = set()
     for path in exclude:
         try:
@@ -251,11 +287,11 @@ def iter_inputs(args: Iterable[str], stdin: TextIO | None = None,
             matched = False
             for match in glob.iglob(arg, recursive=True):
                 matched = True
-                yield from _expand(match, excluded)
+                yield from _expand(match, excluded, resolve)
             if not matched:
                 yield arg, "the pattern matched no files"
         else:
-            yield from _expand(arg, excluded)
+            yield from _expand(arg, excluded, resolve)
 
 
 def read_problem(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:

@@ -33,7 +33,7 @@ from sscd_triton.report import Report
 from sscd_triton.serving import repository
 from sscd_triton.serving.repository import ServingConfig
 
-DEMO_MODEL_NAME = "demo-untrained"
+DEMO_MODEL_NAME = spec.DEMO_MODEL_NAME
 REPORT_FILE = "build_report.json"
 # What a checkpoint's file name ends with besides the model's name (stripped for the
 # model name recorded in the configs).
