@@ -316,9 +316,7 @@ def preprocess_batch(decoded: list, size: int):
 def decode_checks(photos, model32, model16, ref_run, device: str,
                   size: int | None = None) -> list:
     from sscd_triton.report import Check
-    pre = spec.PREPROCESS["square320"]
-    if size not in (None, pre.size):
-        pre = spec.Preprocess(f"square{size}", f"skew_{size}", size, square=True)
+    pre = spec.square(size or spec.PREPROCESS["square320"].size)
     encoded = [images.encode(img, "JPEG", quality=JPEG_QUALITY) for _, img in photos]
     ref = ref_run(np.stack([images.load_tensor(b, pre) for b in encoded]))
     which = "nvJPEG" if device == "cuda" else "libjpeg-turbo (cpu)"
@@ -555,7 +553,7 @@ def int8_plan(model32_cpu, ref_run, args, clock: Clock, box_s: float) -> tuple[l
         return [Check("int8 plan", None, f"n/a: {e}; docker/gpu_smoke.sh with PRECISION=int8 "
                                          "measures it in the serving image")], []
     size = args.size
-    pre = spec.Preprocess(f"square{size}", f"skew_{size}", size, square=True)
+    pre = spec.square(size)
     calibration = int8.bundled_calibration(pre)
     fp32 = onnx_export.to_onnx(model32_cpu, size).SerializeToString()
     hi = max(args.batches)
@@ -571,7 +569,7 @@ def int8_plan(model32_cpu, ref_run, args, clock: Clock, box_s: float) -> tuple[l
     run = trt_build.plan_runner(trt, engine, shapes)
     checks, _ = int8.cost_checks(ref_run, run, pre, calibration)
     for c in checks:
-        c.name = f"int8 plan (TensorRT {trt.__version__}) vs fp32 cpu: {c.name}"
+        c.name = f"int8 plan (TensorRT {trt.__version__}) vs fp32 PyTorch cpu: {c.name}"
     rows, deadline = [], time.perf_counter() + box_s
     for b in sorted(args.batches):
         x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)

@@ -38,8 +38,8 @@
 #   PRECISION         passed as --build-arg PRECISION when set: int8 serves an explicitly
 #                     quantised plan, and step 1's --check-parity then holds it to int8's
 #                     bounds against fp32 PyTorch (the client reads the served precision)
-#   CALIBRATION       with PRECISION=int8: a folder inside the repository to calibrate on,
-#                     passed as --build-arg CALIBRATION (default: the bundled photographs)
+#   CALIBRATION       with PRECISION=int8: a folder of images to calibrate on, passed as
+#                     --build-context calibration=DIR (default: the bundled photographs)
 set -euo pipefail
 
 # --- pure logic (tests/test_gpu_check.py sources this file and calls these) ------------
@@ -146,7 +146,7 @@ TRT_CACHE_PATH=${TRT_CACHE_PATH:-/var/cache/sscd}
 build_args=(--build-arg "CHECKPOINT=PLACEHOLDER")
 if [[ -n ${DESCRIPTOR:-} ]]; then build_args+=(--build-arg "DESCRIPTOR=$DESCRIPTOR"); fi
 if [[ -n ${PRECISION:-} ]]; then build_args+=(--build-arg "PRECISION=$PRECISION"); fi
-if [[ -n ${CALIBRATION:-} ]]; then build_args+=(--build-arg "CALIBRATION=$CALIBRATION"); fi
+if [[ -n ${CALIBRATION:-} ]]; then build_args+=(--build-context "calibration=$CALIBRATION"); fi
 HEADER="triton-grpc-protocol-sscd-admin-key=$KEY"
 CID=""
 START=$SECONDS
@@ -243,7 +243,7 @@ rc=0
   >"$WORK/embed_photos.log" 2>&1 || rc=$?
 took=$((SECONDS - t))
 if ((rc == 0)); then
-  row "embed + parity" PASS "${#photos[@]} photographs (${PRECISION:-default precision}) in ${took}s = $(mean_batch "${#photos[@]}" "$((took > 0 ? took : 1))") images/s, parity on $parity_n: exit 0"
+  row "embed + parity" PASS "${#photos[@]} photographs (${PRECISION:-default precision}) in ${took}s (whole seconds; client/embed.py's summary in $WORK/embed_photos.log gives images/s), parity on $parity_n: exit 0"
 else
   row "embed + parity" FAIL "exit $rc (4: a parity bound failed); see $WORK/embed_photos.log"
 fi

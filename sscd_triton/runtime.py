@@ -10,24 +10,42 @@ from sscd_triton import spec
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
-def cpu_share(cpu_max: str = CGROUP_CPU_MAX) -> int:
-    """The CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota
-    (`cpu.max`, what a container's or a Kubernetes pod's CPU limit sets). ONNX Runtime's
-    own default counts the host's cores, and more threads than the quota allows stall
-    each other at every throttling period."""
-    n = len(os.sched_getaffinity(0))
+CGROUP_V1_QUOTA = "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"
+
+
+def cpu_quota(cpu_max: str = CGROUP_CPU_MAX, v1_quota: str = CGROUP_V1_QUOTA) -> int | None:
+    """Whole CPUs a cgroup CPU quota grants this process (what a container's or a
+    Kubernetes pod's CPU limit sets; v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), at least 1;
+    None without a quota. Inside a container the cgroup namespace puts its own at the root."""
     try:
         with open(cpu_max) as f:
             quota, period = f.read().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
-        pass
-    return n
+        try:
+            with open(v1_quota) as f:
+                quota = f.read().strip()
+            with open(os.path.join(os.path.dirname(v1_quota), "cpu.cfs_period_us")) as f:
+                period = f.read().strip()
+        except OSError:
+            return None
+        quota = "max" if quota.startswith("-") else quota
+    try:
+        return None if quota == "max" else max(1, int(quota) // int(period))
+    except ValueError:
+        return None
+
+
+def cpu_share(cpu_max: str = CGROUP_CPU_MAX, v1_quota: str = CGROUP_V1_QUOTA) -> int:
+    """Threads for ONNX Runtime: 0 (its own default, the physical cores it may use) unless
+    a CPU quota grants fewer CPUs than this process's affinity, then that many: more threads
+    than the quota stall each other at every throttling period."""
+    quota = cpu_quota(cpu_max, v1_quota)
+    return quota if quota is not None and quota < len(os.sched_getaffinity(0)) else 0
 
 
 def onnx_session(path: str, threads: int = 0, providers: list | None = None):
-    """An InferenceSession with every graph optimisation on (threads 0: `cpu_share()`)."""
+    """An InferenceSession with every graph optimisation on (threads 0: `cpu_share()`, which
+    is ONNX Runtime's default unless a CPU quota is lower)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -43,6 +43,12 @@ PREPROCESS = {
     "square320": Preprocess("square320", "skew_320", 320, square=True),
     "short288": Preprocess("short288", "small_288", 288, square=False),
 }
+
+
+def square(size: int) -> Preprocess:
+    """Upstream's skew mode at another size (a `--static-size` export, a smoke check)."""
+    return PREPROCESS["square320"] if size == 320 else \
+        Preprocess(f"square{size}", f"skew_{size}", size, square=True)
 DEFAULT_PREPROCESS = "square320"
 
 # --- The descriptor model -------------------------------------------------------------

@@ -99,14 +99,20 @@ def test_bundled_calibration_keeps_the_originals_out():
 
 @pytest.mark.parametrize("make, flags, message", [
     (None, [], "no such folder"),
+    ("file", [], "not a folder"),
     ("empty", [], "holds no files"),
     ("text", [], "none of its 1 files is a decodable image"),
     ("one", ["--calibration-size", "2"], "1 decodable images, fewer than --calibration-size 2"),
     ("one", ["--calibration-size", "0"], "--calibration-size 0: must be >= 1"),
+    ("one", ["--calibration-method", "entropy", "--calibration-size", "40"], "at most 32"),
+    ("one", ["--calibration-method", "percentile", "--preprocess", "short288"],
+     "needs one input shape for all images"),
 ])
 def test_bad_calibration_input_is_one_line_exit_2(make, flags, message, tmp_path, capsys):
     folder = tmp_path / "cal"
-    if make:
+    if make == "file":
+        folder.write_text("x")
+    elif make:
         folder.mkdir()
     if make == "text":
         (folder / "a.txt").write_text("x")
@@ -119,6 +125,37 @@ def test_bad_calibration_input_is_one_line_exit_2(make, flags, message, tmp_path
         err = capsys.readouterr().err
         assert status == 2 and err.count("\n") == 1 and message in err, err
         assert err.startswith("error: --calibration") and not out.exists()
+
+
+def test_histogram_methods_calibrate_any_count_of_square_images(fp32, calibration):
+    """percentile stacks every feed's activations: 9 images (not a multiple of the minmax
+    batch) must not give ragged feeds; the method is recorded in the ONNX."""
+    nine = int8.Calibration(calibration.tensors + calibration.tensors[:1], ["x"] * 9,
+                            calibration.sha256)
+    model = onnx.load_from_string(int8.quantize(fp32, nine, "cpu", "percentile"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta[int8.META_METHOD] == "percentile" and meta[int8.META_TARGET] == "cpu"
+    assert int8.recorded_calibration(meta).sha256 == calibration.sha256 and len(calibration.sha256) == 8
+    assert int8.recorded_calibration({}) is None
+    with pytest.raises(ValueError, match="at most 32 images of one shape"):
+        int8.quantize(fp32, int8.Calibration([nine.tensors[0][:, :64, :64], nine.tensors[0]],
+                                             ["a", "b"], set()), "cpu", "entropy")
+
+
+def test_a_report_with_nothing_held_out_fails(fp32, cpu8):
+    data = copyset.dataset(edits=())
+    everything = int8.Calibration([], [], {int8._sha(b) for _, b in data["references"]})
+    checks, figures = measure(fp32, cpu8, everything)
+    assert [c.ok for c in checks] == [False] and "calibration used 8 of the 8" in checks[0].detail
+
+
+def test_an_int8_onnx_on_the_onnxruntime_fallback_is_refused(gpu8, tmp_path, capsys):
+    path = tmp_path / "sscd8.onnx"
+    onnx.save(gpu8, str(path))
+    status = build_cli.main(["--target", "gpu", "--descriptor", "onnxruntime", "--onnx",
+                             str(path), "--output", str(tmp_path / "repo")])
+    err = capsys.readouterr().err
+    assert status == 2 and "drop --descriptor onnxruntime" in err and err.count("\n") == 1
 
 
 def test_calibration_flags_need_int8(tmp_path, capsys):
@@ -280,15 +317,23 @@ def test_precision_is_compared_only_when_both_sides_know_it():
 
 
 def test_cpu_share_follows_the_cgroup_quota(tmp_path):
+    """0 (ONNX Runtime's own default) unless a v2 or v1 quota grants fewer CPUs."""
     cpus = len(os.sched_getaffinity(0))
-    quota = tmp_path / "cpu.max"
+    quota, none = tmp_path / "cpu.max", str(tmp_path / "none")
     quota.write_text("max 100000\n")
-    assert runtime.cpu_share(str(quota)) == cpus
+    assert runtime.cpu_share(str(quota), none) == 0
     quota.write_text("100000 100000\n")
-    assert runtime.cpu_share(str(quota)) == 1
+    assert runtime.cpu_share(str(quota), none) == (1 if cpus > 1 else 0)
     quota.write_text("50000 100000\n")  # half a CPU still gets one thread
-    assert runtime.cpu_share(str(quota)) == 1
-    assert runtime.cpu_share(str(tmp_path / "none")) == cpus
+    assert runtime.cpu_quota(str(quota), none) == 1
+    assert runtime.cpu_share(none, none) == 0
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert runtime.cpu_quota(none, str(v1 / "cpu.cfs_quota_us")) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert runtime.cpu_quota(none, str(v1 / "cpu.cfs_quota_us")) is None
 
 
 if __name__ == "__main__":

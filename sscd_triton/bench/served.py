@@ -171,13 +171,17 @@ def model_check(client, model: str, batch: int, want_dtype: str, headers: dict |
 def build_cpu_repository(checkpoint: str, out: str, max_batch: int,
                          precision: str = "fp32") -> str:
     """The cpu repository the local rows' weights are served from; returns its ONNX.
-    int8 is calibrated on the bundled photographs (export.int8.bundled_calibration)."""
+    int8 is calibrated on the bundled photographs (export.int8.bundled_calibration). A
+    failed accuracy check is printed, not fatal: this measures speed (the export commands
+    are where accuracy decides)."""
     from sscd_triton.serving.build import build_repository
 
     built = build_repository(out, "cpu", checkpoint, max_batch=max_batch, precision=precision)
     if not built.passed:
-        raise RuntimeError("building the cpu repository failed its parity checks:\n"
-                           + built.report.stream.getvalue())
+        failed = [f"{c.name}: {c.detail}" for c in built.report.checks if c.ok is False]
+        print(f"[bench] note: the {precision} repository fails "
+              f"{len(failed)} accuracy check(s), measured for speed anyway: "
+              + "; ".join(failed[:3]), flush=True)
     return built.onnx
 
 

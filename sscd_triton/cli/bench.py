@@ -115,14 +115,15 @@ def int8_served_rows(server, repos: dict | None, tensors, jpegs, args) -> list:
 
     server.stop()
     server, _ = start_local_server(repos["int8"], args)
+    client = None
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        rows = served.served_rows(client, tensors, jpegs, args, None,
+        return served.served_rows(client, tensors, jpegs, args, None,
                                   which=("triton-ensemble-B",), suffix="-int8")
-        client.close()
     finally:
+        if client is not None:
+            client.close()
         server.stop()
-    return rows
 
 
 def main(argv=None) -> int:

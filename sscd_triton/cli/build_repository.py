@@ -73,9 +73,6 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        if args.preprocess not in spec.PREPROCESS:
-            raise build.BuildError(f"--preprocess {args.preprocess}: one of "
-                                   f"{', '.join(sorted(spec.PREPROCESS))}")
         calibration = None
         if args.onnx or args.configs_only:
             if args.calibration or args.calibration_size is not None:

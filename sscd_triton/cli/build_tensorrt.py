@@ -120,10 +120,10 @@ def parity(trt, engine, prep: Prepared) -> list[Check]:
     if prep.precision == "int8":  # measured as the int8 export measures it, against PyTorch
         from sscd_triton.export import int8
 
-        size = static_size or spec.PREPROCESS["square320"].size
-        pre = spec.Preprocess(f"square{size}", f"skew_{size}", size, square=True)
-        checks, _ = int8.cost_checks(validate.torch_runner(prep.loaded.model), plan_run, pre,
-                                     int8.Calibration([], [], set()))
+        meta = {p.key: p.value for p in prep.model.metadata_props}
+        checks, _ = int8.cost_checks(validate.torch_runner(prep.loaded.model), plan_run,
+                                     spec.square(static_size or spec.PREPROCESS["square320"].size),
+                                     int8.recorded_calibration(meta) or int8.Calibration([], [], set()))
         return checks
     checks = validate.model_parity(plan_run, validate.torch_runner(prep.loaded.model),
                                    prep.precision, static_size)

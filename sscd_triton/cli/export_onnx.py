@@ -35,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fix H = W = S (e.g. 320) for engines that want static shapes "
                    "(default: H and W dynamic)")
     p.add_argument("--preprocess", choices=sorted(spec.PREPROCESS), default=None,
-                   help="the served preprocessing (int8 calibrates and is measured on it; "
-                   "default: square320, or short288's sizes are not fixed by --static-size)")
+                   help="the preprocessing the model will be served with: int8 calibrates and "
+                   "is measured on it (default: square320, or square S with --static-size S)")
     p.add_argument("--int8-target", choices=("cpu", "gpu"), default="cpu",
                    help="int8: the Q/DQ form to write: cpu (uint8 activations, ONNX Runtime's "
                    "fast kernels) or gpu (symmetric int8, what TensorRT takes)")
@@ -56,7 +56,8 @@ def add_int8_arguments(p: argparse.ArgumentParser) -> None:
                    "bundled photographs, a poor stand-in for your distribution)")
     g.add_argument("--calibration-size", type=int, metavar="N", help="int8: calibrate on N "
                    f"images of --calibration; fewer is an error (default: up to "
-                   f"{int8.DEFAULT_CALIBRATION_SIZE})")
+                   f"{int8.DEFAULT_CALIBRATION_SIZE} for minmax, {int8.HISTOGRAM_MAX_IMAGES} "
+                   "for the histogram methods, which hold every image's activations)")
     g.add_argument("--calibration-method", choices=int8.METHODS, default=int8.DEFAULT_METHOD,
                    help="int8: how activation ranges are chosen from the calibration images")
 
@@ -74,9 +75,10 @@ def load_calibration(args, preprocess: spec.Preprocess, max_pixels: int = spec.M
     if args.calibration is None:
         if args.calibration_size is not None:
             raise int8.CalibrationError("--calibration-size needs --calibration DIR")
+        int8.check_method(args.calibration_method, preprocess, None)
         return int8.bundled_calibration(preprocess)
     return int8.folder_calibration(args.calibration, preprocess, args.calibration_size,
-                                   max_pixels)
+                                   max_pixels, args.calibration_method)
 
 
 def main(argv=None) -> int:
@@ -99,12 +101,13 @@ def main(argv=None) -> int:
             source = demo.write_demo_checkpoint()
             report.note(f"no --checkpoint: using {demo.DEMO_LABEL}")
         preprocess = spec.PREPROCESS[args.preprocess or spec.DEFAULT_PREPROCESS]
-        if args.static_size is not None and not preprocess.square:
-            raise OutputError(f"--static-size with --preprocess {preprocess.name}: "
-                              "short288 keeps the aspect ratio, so H and W vary")
         if args.static_size is not None:
-            preprocess = spec.Preprocess(f"square{args.static_size}",
-                                         f"skew_{args.static_size}", args.static_size, True)
+            if args.preprocess and (not preprocess.square
+                                    or preprocess.size != args.static_size):
+                raise OutputError(f"--static-size {args.static_size} with --preprocess "
+                                  f"{args.preprocess}: that mode does not give "
+                                  f"{args.static_size}x{args.static_size} tensors")
+            preprocess = spec.square(args.static_size)
         calibration = load_calibration(args, preprocess)
         loaded = checkpoints.load(source, args.dims)
     except (checkpoints.CheckpointError, OutputError, int8.CalibrationError) as e:

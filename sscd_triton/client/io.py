@@ -493,7 +493,9 @@ class ShardStore(_HoldsLock):
                               "read it with load_embeddings and embed into another --output")
         if found is not None:
             urls = list(dict.fromkeys(found.get("urls", []) + self.meta.get("urls", [])))
-            self.manifest = {**found, **self.meta, "urls": urls}
+            # what this run does not know (None) keeps what the output recorded
+            known = {k: v for k, v in self.meta.items() if v is not None}
+            self.manifest = {**found, **known, "urls": urls}
             if found.get("resume") != "partitions":
                 self.partitioned = False
             if self.partitioned and found.get("partition_size"):

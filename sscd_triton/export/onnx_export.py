@@ -135,9 +135,9 @@ def validate_onnx(session, loaded: checkpoints.Loaded, precision: str, static_si
                   report: Report, preprocess: spec.Preprocess | None = None) -> None:
     """Add the ONNX's names and shapes and its parity against the checkpoint's PyTorch
     model (`session`: runtime.onnx_session of the graph) to `report`, and log the step.
-    An int8 graph is measured as `_export_int8` measures it, against PyTorch, on the
-    copy-detection set (`preprocess`, default square); its calibration images are unknown
-    here, so the report says the held-out set may include them."""
+    An int8 graph is measured with `_export_int8`'s checks, against the PyTorch model here,
+    on the copy-detection set (`preprocess`, default square) less the photographs its
+    metadata says calibration used (none recorded: the report says they may be included)."""
     import onnxruntime as ort
 
     report.add(io_checks(session, loaded.dims, static_size))
@@ -145,11 +145,13 @@ def validate_onnx(session, loaded: checkpoints.Loaded, precision: str, static_si
         from sscd_triton.export import int8
 
         pre = preprocess or spec.PREPROCESS[spec.DEFAULT_PREPROCESS]
-        report.note("int8 ONNX given: its calibration images are unknown, so the 'held-out' "
-                    "photographs below may include them")
+        calibration = int8.recorded_calibration(session.get_modelmeta().custom_metadata_map)
+        if calibration is None:
+            report.note("this int8 ONNX records no calibration images, so the 'held-out' "
+                        "photographs below may include them")
+            calibration = int8.Calibration([], [], set())
         checks, figures = int8.cost_checks(validate.torch_runner(loaded.model),
-                                           runtime.onnx_runner(session), pre,
-                                           int8.Calibration([], [], set()))
+                                           runtime.onnx_runner(session), pre, calibration)
         report.add(checks)
         report.facts["int8"] = figures
     else:

@@ -82,7 +82,11 @@ def int8_problems(model: onnx.ModelProto) -> list[str]:
     inits = {i.name: i for i in model.graph.initializer}
     bad = set()
     for n in model.graph.node:
-        if n.op_type in _QDQ and len(n.input) > 2 and n.input[2] in inits:
+        if n.op_type not in _QDQ:
+            continue
+        if len(n.input) < 3 or not n.input[2]:  # ONNX: no zero point means uint8
+            bad.add("uint8 (default, no zero point) zero points")
+        elif n.input[2] in inits:
             z = numpy_helper.to_array(inits[n.input[2]])
             if z.dtype != "int8" or z.any():
                 bad.add(f"{z.dtype} zero points" if z.dtype != "int8" else "non-zero zero points")

@@ -40,10 +40,7 @@ def model_parity(candidate: Runner, reference: Runner, precision: str,
                  static_size: int | None = None) -> list[Check]:
     photos = [img for _, img in samples.photographs()]
     checks = []
-    square = spec.PREPROCESS["square320"]
-    if static_size not in (None, square.size):
-        square = spec.Preprocess(f"square{static_size}", f"skew_{static_size}", static_size,
-                                 square=True)
+    square = spec.square(static_size or spec.PREPROCESS["square320"].size)
     x = np.stack([images.to_tensor(img, square) for img in photos])
     ref = reference(x)
     for b in SQUARE_BATCHES:

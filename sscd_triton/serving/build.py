@@ -319,6 +319,14 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
                      configs_only, postprocess, precision)
     if calibration is not None and precision != "int8":
         raise BuildError("--calibration is for --precision int8")
+    if precision == "int8" and onnx is None and not configs_only:
+        from sscd_triton.export import int8
+
+        try:
+            int8.check_method(calibration_method or int8.DEFAULT_METHOD,
+                              spec.PREPROCESS[preprocess], None)
+        except int8.CalibrationError as e:
+            raise BuildError(str(e)) from None
     params = _load_postprocess(postprocess) if postprocess else None
     common = dict(target=target, preprocess=preprocess, max_batch=max_batch,
                   max_pixels=max_pixels, descriptor=descriptor, prebuilt_plan=bool(plan))
@@ -350,6 +358,10 @@ def build_repository(output: str, target: str = "gpu", checkpoint: str | None = 
         if precision and precision != facts.precision:
             raise BuildError(f"--precision {precision} contradicts --onnx {onnx}, which is "
                              f"{facts.precision}")
+        if facts.precision == "int8" and target == "gpu" and not fast:
+            raise BuildError(f"--onnx {onnx} is int8: on the gpu target it is served by the "
+                             "tensorrt backend (an explicitly quantised plan); drop "
+                             "--descriptor onnxruntime")
         if facts.int8_problems and fast:
             raise BuildError(f"--onnx {onnx} is the cpu form of int8 "
                              f"({', '.join(facts.int8_problems)}); TensorRT takes symmetric "
