@@ -7,7 +7,7 @@ ONNX Runtime's CPU kernels and parse in TensorRT, whose int8 comes only from Q/D
 since TensorRT 10 deprecated and 11 removed implicit calibration). Per target, because
 the backends differ:
   cpu  uint8 activations (asymmetric), int8 per-channel weights: ONNX Runtime's x86 int8
-       kernels (VNNI/AMX) are u8 x s8; signed activations ran 2.7x slower here (measured,
+       kernels (VNNI/AMX) are u8 x s8; signed activations ran ~3x slower here (measured,
        README "int8").
   gpu  int8 activations with zero point 0 (`ActivationSymmetric`), int8 per-channel
        weights: TensorRT's Q/DQ layers take symmetric int8 only (TensorRT developer
