@@ -238,7 +238,10 @@ metrics() {
 before=$(metrics)
 t=$SECONDS
 rc=0
-"$PYTHON" client/embed.py "$PHOTOS" --url "127.0.0.1:$GRPC_PORT" --output "$WORK/photos" \
+# the photographs found above, as a list: other files in the folder (a README) would be
+# recorded as failures (exit 1) by client/embed.py, which accounts for every file it is given
+printf '%s\n' "${photos[@]}" >"$WORK/photos.lst"
+"$PYTHON" client/embed.py "@$WORK/photos.lst" --url "127.0.0.1:$GRPC_PORT" --output "$WORK/photos" \
   --check-parity "$parity_n" --checkpoint "$CHECKPOINT" --header "$HEADER" --quiet \
   >"$WORK/embed_photos.log" 2>&1 || rc=$?
 took=$((SECONDS - t))

@@ -260,6 +260,7 @@ exec "{sys.executable}" "$@"
     photos.mkdir()
     for i in range(4):
         Image.new("RGB", (64, 48), (60 * i, 20, 30)).save(photos / f"p{i}.jpg", quality=90)
+    (photos / "README.txt").write_text("not a photograph")  # left out of the embed step
     ckpt = (repo / "runs" if ckpt_in_runs else tmp_path) / "m.torchvision.pt"
     ckpt.parent.mkdir(exist_ok=True)
     ckpt.write_bytes(b"weights")
@@ -290,6 +291,10 @@ def test_gpu_smoke_sh_flow_with_fakes(tmp_path, ckpt_in_runs):
     assert "sscd-trt-cache:/var/cache/sscd" in docker and "DESCRIPTOR" not in docker
     embed = (state / "embed.log").read_text()
     assert "--check-parity 4 --checkpoint" in embed
+    # the photographs go as a list: embed.py would record the README as a failure (exit 1)
+    listed = (tmp_path / "work" / "photos.lst").read_text().split()
+    assert f"@{tmp_path / 'work' / 'photos.lst'}" in embed and len(listed) == 4
+    assert all(p.endswith(".jpg") for p in listed)
     assert "--header triton-grpc-protocol-sscd-admin-key=k" in embed
     assert out.rstrip().splitlines()[-1].startswith("gpu smoke: all steps passed")
 
