@@ -477,7 +477,11 @@ def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = No
     # what docker/entrypoint.sh passes: the flags the repository needs, then server.args's
     gpu_flags = " ".join(repository.gpu_server_flags(serving))
     if serving.target == "cpu":
-        return [f"{tritonserver_command(cwd)} --model-repository {out}"]
+        from sscd_triton.serving.server import HOST
+
+        # tritonserver listens on every interface unless told otherwise
+        return [f"{tritonserver_command(cwd)} --model-repository {out} --grpc-address {HOST} "
+                f"--http-address {HOST} --metrics-address {HOST}"]
     if serving.prebuilt_plan:
         return [f"tritonserver {gpu_flags} --model-repository {out}   # in an NGC Triton container "
                 "on the host whose TensorRT and GPU built the plan"]
