@@ -160,9 +160,14 @@ def test_an_int8_onnx_on_the_onnxruntime_fallback_is_refused(gpu8, tmp_path, cap
 
 def test_calibration_flags_need_int8(tmp_path, capsys):
     for main in (export_onnx.main, build_cli.main):
-        status = main(["--calibration", str(tmp_path), "--output", str(tmp_path / "x.onnx")])
-        err = capsys.readouterr().err
-        assert status == 2 and "--precision int8" in err and err.count("\n") == 1, err
+        for flags in (["--calibration", str(tmp_path)], ["--calibration-method", "entropy"]):
+            status = main([*flags, "--output", str(tmp_path / "x.onnx")])
+            err = capsys.readouterr().err
+            assert status == 2 and "--precision int8 only" in err and err.count("\n") == 1, err
+            assert err.startswith(f"error: {flags[0]}")
+    status = export_onnx.main(["--int8-target", "gpu", "--output", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert status == 2 and err == "error: --int8-target: for --precision int8 only\n"
 
 
 def test_int8_on_the_onnxruntime_fallback_is_refused(tmp_path, capsys):

@@ -37,9 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preprocess", choices=sorted(spec.PREPROCESS), default=None,
                    help="the preprocessing the model will be served with: int8 calibrates and "
                    "is measured on it (default: square320, or square S with --static-size S)")
-    p.add_argument("--int8-target", choices=("cpu", "gpu"), default="cpu",
-                   help="int8: the Q/DQ form to write: cpu (uint8 activations, ONNX Runtime's "
-                   "fast kernels) or gpu (symmetric int8, what TensorRT takes)")
+    p.add_argument("--int8-target", choices=("cpu", "gpu"), default=None,
+                   help="int8: the Q/DQ form to write: cpu (default; uint8 activations, ONNX "
+                   "Runtime's fast kernels) or gpu (symmetric int8, what TensorRT takes)")
     p.add_argument("--dims", type=int, help="expected descriptor size; checked against the file")
     p.add_argument("--opset", type=int, default=spec.ONNX_OPSET,
                    help=f"ONNX opset, >= {spec.ONNX_OPSET}")
@@ -58,8 +58,9 @@ def add_int8_arguments(p: argparse.ArgumentParser) -> None:
                    f"images of --calibration; fewer is an error (default: up to "
                    f"{int8.DEFAULT_CALIBRATION_SIZE} for minmax, {int8.HISTOGRAM_MAX_IMAGES} "
                    "for the histogram methods, which hold every image's activations)")
-    g.add_argument("--calibration-method", choices=int8.METHODS, default=int8.DEFAULT_METHOD,
-                   help="int8: how activation ranges are chosen from the calibration images")
+    g.add_argument("--calibration-method", choices=int8.METHODS, default=None,
+                   help="int8: how activation ranges are chosen from the calibration images "
+                   f"(default {int8.DEFAULT_METHOD})")
 
 
 def load_calibration(args, preprocess: spec.Preprocess, max_pixels: int = spec.MAX_IMAGE_PIXELS):
@@ -68,10 +69,15 @@ def load_calibration(args, preprocess: spec.Preprocess, max_pixels: int = spec.M
     from sscd_triton.export import int8
 
     if args.precision != "int8":
-        if args.calibration or args.calibration_size is not None:
-            raise int8.CalibrationError("--calibration and --calibration-size are for "
-                                        "--precision int8")
+        given = [flag for flag, value in (("--calibration", args.calibration),
+                                          ("--calibration-size", args.calibration_size),
+                                          ("--calibration-method", args.calibration_method),
+                                          ("--int8-target", getattr(args, "int8_target", None)))
+                 if value is not None]
+        if given:
+            raise int8.CalibrationError(f"{', '.join(given)}: for --precision int8 only")
         return None
+    args.calibration_method = args.calibration_method or int8.DEFAULT_METHOD
     if args.calibration is None:
         if args.calibration_size is not None:
             raise int8.CalibrationError("--calibration-size needs --calibration DIR")
@@ -122,13 +128,13 @@ def main(argv=None) -> int:
                layout=loaded.layout, trunk=loaded.trunk, dims=loaded.dims,
                demo=args.checkpoint is None)
     onnx_export.export(loaded, args.output, args.precision, args.static_size, report, args.opset,
-                       calibration=calibration, target=args.int8_target,
+                       calibration=calibration, target=args.int8_target or "cpu",
                        method=args.calibration_method, preprocess=preprocess)
     report.table()
     json_path = os.path.splitext(args.output)[0] + ".parity.json"
     report.write_json(json_path)
     report.log(f"report written to {json_path}")
-    target = args.int8_target if args.precision == "int8" else "cpu"
+    target = args.int8_target or "cpu"
     print(f"\nNext: {command('export/build_repository.py')} --onnx {shlex.quote(args.output)} "
           f"--checkpoint {shlex.quote(source)} --target {target} --output runs/model_repository")
     return 0 if report.passed else 1
