@@ -129,6 +129,9 @@ def _export_int8(loaded, output, static_size, report, opset, calibration, target
     report.log(f"measured int8 against fp32 on {figures.get('held_out_photographs', 0)} "
                f"held-out photographs and {figures.get('held_out_queries', 0)} edited copies "
                f"({preprocess.upstream_name})", int8=figures)
+    if target == "gpu":
+        report.note("the gpu form was measured with ONNX Runtime's CPU kernels; the plan's own "
+                    "figures: build_tensorrt.py --checkpoint on the serving GPU")
 
 
 def validate_onnx(session, loaded: checkpoints.Loaded, precision: str, static_size: int | None,
