@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sscd_triton import copyset, images, parity, samples, spec
+from sscd_triton.client import sources
 from sscd_triton.report import Check
 
 TARGET_ACTIVATIONS = {"cpu": "uint8", "gpu": "int8 symmetric"}
@@ -45,7 +46,7 @@ DEFAULT_CALIBRATION_SIZE = 128
 # shape for all images (they stack them), which short288 does not give.
 HISTOGRAM_MAX_IMAGES = 32
 BATCH = 8  # calibration batch for minmax on square preprocessing (else 1)
-MAX_FILE_BYTES = 64 << 20  # sscd-embed's default --max-file-bytes
+MAX_FILE_BYTES = 64 << 20  # as sscd-embed's default --max-file-bytes
 # Written into the int8 ONNX's metadata_props, so that a later check (build_repository
 # --onnx, build_tensorrt.py) holds the same photographs out.
 META_TARGET, META_METHOD = "sscd_int8_target", "sscd_int8_calibration_method"
@@ -118,7 +119,7 @@ def bundled_calibration(preprocess: spec.Preprocess) -> Calibration:
     data = copyset.dataset(edits=())
     refs = dict(data["references"])
     photos = dict(samples.photographs())
-    tensors, sources = [], []
+    tensors, names = [], []
     for name in data["distractors"]:
         img = photos[name]
         w, h = img.size
@@ -126,8 +127,8 @@ def bundled_calibration(preprocess: spec.Preprocess) -> Calibration:
                          (" cropped", img.crop((0, 0, w * 3 // 4, h * 3 // 4))),
                          (" rotated", img.rotate(10))):
             tensors.append(images.to_tensor(v, preprocess))
-            sources.append(name + label)
-    return Calibration(tensors, sources, {_sha(refs[n]) for n in data["distractors"]},
+            names.append(name + label)
+    return Calibration(tensors, names, {_sha(refs[n]) for n in data["distractors"]},
                        bundled=True)
 
 
@@ -150,22 +151,20 @@ def folder_calibration(folder: str, preprocess: spec.Preprocess, size: int | Non
     check_method(method, preprocess, size)
     want = size or default_size(method)
     random.Random(0).shuffle(paths)
-    tensors, sources, shas, skipped = [], [], set(), []
+    tensors, used, shas, skipped = [], [], set(), []
     for path in paths:
         if len(tensors) == want:
             break
+        # the client's reader: regular files only (a FIFO would block), size-capped
+        data, why = sources.read_problem(path, MAX_FILE_BYTES)
         try:
-            if not os.path.isfile(path):  # a FIFO or socket would block the read
-                raise OSError("not a regular file")
-            if os.path.getsize(path) > MAX_FILE_BYTES:
-                raise OSError(f"larger than {MAX_FILE_BYTES >> 20} MiB")
-            with open(path, "rb") as f:
-                data = f.read()
+            if why:
+                raise images.ImageError(why)
             tensors.append(images.load_tensor(data, preprocess, max_pixels))
-        except (OSError, images.ImageError) as e:
+        except images.ImageError as e:
             skipped.append((path, str(e)))
             continue
-        sources.append(path)
+        used.append(path)
         shas.add(_sha(data))
     if not tensors:
         raise CalibrationError(f"{flag}: none of its {len(paths)} files is a decodable image "
@@ -173,7 +172,7 @@ def folder_calibration(folder: str, preprocess: spec.Preprocess, size: int | Non
     if size is not None and len(tensors) < size:
         raise CalibrationError(f"{flag}: {len(tensors)} decodable images, fewer than "
                                f"--calibration-size {size} ({len(skipped)} files skipped)")
-    return Calibration(tensors, sources, shas, skipped, folder=folder)
+    return Calibration(tensors, used, shas, skipped, folder=folder)
 
 
 def _batches(tensors: list[np.ndarray], method: str = DEFAULT_METHOD):
