@@ -18,7 +18,8 @@ from sscd_triton import load_embeddings
 from sscd_triton.cli import dedup as dedup_cli
 from sscd_triton.cli import evaluate as evaluate_cli
 from sscd_triton.cli import match as match_cli
-from sscd_triton.client import io, metrics, postprocess, search
+from sscd_triton.client import io
+from sscd_triton.copydetect import dedup as dedup_lib, metrics, postprocess, search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 META = {"model": "m", "model_version": "1", "sscd_model": "sscd_disc_mixup",
@@ -324,9 +325,9 @@ def test_demo_weights_are_named_in_match_and_dedup(tmp_path, copies):
 
 def test_connected_groups_and_representative():
     a, b = np.array([0, 1, 5]), np.array([1, 2, 6])
-    labels = dedup_cli.connected_groups(8, a, b)
+    labels = dedup_lib.connected_groups(8, a, b)
     assert labels.tolist() == [0, 0, 0, -1, -1, 5, 5, -1]
-    g = dedup_cli.groups_table(labels, a, b)
+    g = dedup_lib.groups_table(labels, a, b)
     assert g["group_id"].tolist() == [0, 0, 0, 1, 1]
     assert g["member"].tolist() == [0, 1, 2, 5, 6]
     assert g["representative"].tolist() == [1, 1, 1, 5, 5]  # most pairs; tie: first

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from sscd_triton import copyset
+from sscd_triton.copydetect import copyset
 from sscd_triton.cli import copy_detection
 
 BIN = os.path.dirname(sys.executable)

@@ -14,7 +14,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from sscd_triton import copyset, runtime, samples, spec
+from sscd_triton import runtime, samples, spec
+from sscd_triton.copydetect import copyset
 from sscd_triton.cli import build_repository as build_cli
 from sscd_triton.cli import export_onnx
 from sscd_triton.client.io import identity_conflict, load_embeddings

@@ -13,7 +13,7 @@ import pytest
 from sscd_triton import load_embeddings, spec
 from sscd_triton.cli import postprocess as cli
 from sscd_triton.client import io
-from sscd_triton.client import postprocess as pp
+from sscd_triton.copydetect import postprocess as pp
 
 faiss = pytest.importorskip("faiss")
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from sscd_triton import spec
 from sscd_triton.cli._help import DefaultsHelpFormatter
-from sscd_triton.copyset import EDITS, METRICS, dataset, evaluate
+from sscd_triton.copydetect.copyset import EDITS, METRICS, dataset, evaluate
 
 DEFAULT_BOUND = 0.02
 DEFAULT_THRESHOLD = 0.75
@@ -48,8 +48,8 @@ DEFAULT_THRESHOLD = 0.75
 
 def dedup_groups(ids, vecs, source: dict, threshold: float, k: int) -> dict:
     """Groups of items (references + queries) linked by pairs scoring >= threshold."""
-    from sscd_triton.cli.dedup import connected_groups, near_duplicate_pairs
-    from sscd_triton.client import search
+    from sscd_triton.copydetect.dedup import connected_groups, near_duplicate_pairs
+    from sscd_triton.copydetect import search
 
     ids = list(ids)
     emb = search.Embeddings.from_arrays(ids, vecs, "all")

@@ -9,7 +9,7 @@
 ignored). --ground-truth: CSV `query_id,reference_id` (the DISC 2021 files; rows with an
 empty reference_id, DISC's queries without a copy, are skipped).
 
-Definitions (DISC 2021, see sscd_triton/client/metrics.py): predictions sorted by score
+Definitions (DISC 2021, see sscd_triton/copydetect/metrics.py): predictions sorted by score
 descending, negatives first at equal scores (pessimistic); recall counts every
 ground-truth pair, so pairs never retrieved are misses; uAP = sum of precision x recall
 step; recall@P90 = the largest recall at precision >= 0.9, threshold@P90 its score
@@ -31,7 +31,7 @@ import os
 import sys
 
 from sscd_triton.cli.match import EXIT_OK, EXIT_USAGE, parser_for
-from sscd_triton.client import metrics
+from sscd_triton.copydetect import metrics
 from sscd_triton.files import OutputError, check_writable, write_atomic
 
 

@@ -39,16 +39,15 @@ an unwritable output: one line, nothing written); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 import time
 
 import numpy as np
 
 from sscd_triton.cli._help import DefaultsHelpFormatter
-from sscd_triton.client import search
-from sscd_triton.client.postprocess import ScoreNorm
+from sscd_triton.copydetect import search
+from sscd_triton.copydetect.postprocess import ScoreNorm
+from sscd_triton.copydetect.tables import score_text, text_writer
 from sscd_triton.files import OutputError, check_writable, write_atomic
 from sscd_triton import spec
 from sscd_triton.cli._main import command, plural, run_main
@@ -150,19 +149,8 @@ def index_line(stats: dict) -> str:
     return line
 
 
-def score_text(scores: np.ndarray) -> list[str]:
-    """float32 scores as the shortest text that reads back to the same float32."""
-    return [str(s) for s in np.asarray(scores, np.float32)]
 
 
-def text_writer(write_rows):
-    """A write_atomic callable: `write_rows(csv_writer)` into the binary file as UTF-8."""
-    def write(f):
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-        write_rows(csv.writer(text))
-        text.flush()
-        text.detach()
-    return write
 
 
 def parse_args(argv=None) -> argparse.Namespace:

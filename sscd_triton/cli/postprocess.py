@@ -14,7 +14,7 @@ sscd-embed writes (a folder is written one shard at a time), recording the
 postprocessing in every file's metadata. The same params can be served:
 `build_repository.py --postprocess PARAMS.npz` appends the transform to the served graph.
 Exit status: 0 ok, 2 bad input (one line, no traceback).
-The library is sscd_triton.client.postprocess.
+The library is sscd_triton.copydetect.postprocess.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from sscd_triton.cli._main import command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from sscd_triton.client.postprocess import METHODS
+    from sscd_triton.copydetect.postprocess import METHODS
 
     p = argparse.ArgumentParser(prog=command("client/postprocess.py"),
                                 description=__doc__.split("\n\n")[0],
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sscd_triton.client import postprocess as pp
+    from sscd_triton.copydetect import postprocess as pp
     from sscd_triton.files import OutputError, check_writable
 
     try:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sscd_triton import copyset, images, parity, samples, spec
+from sscd_triton import images, parity, samples, spec
+from sscd_triton.copydetect import copyset
 from sscd_triton.client import sources
 from sscd_triton.report import Check
 

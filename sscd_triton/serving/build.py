@@ -238,7 +238,7 @@ def new_report(target: str, *, checkpoint: bool = True, onnx: bool = False,
 
 
 def _load_postprocess(path: str):
-    from sscd_triton.client import postprocess as pp
+    from sscd_triton.copydetect import postprocess as pp
 
     try:
         return pp.load_params(path)

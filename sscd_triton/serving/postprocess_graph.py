@@ -1,4 +1,4 @@
-"""Append fitted descriptor postprocessing (sscd_triton.client.postprocess) to the served
+"""Append fitted descriptor postprocessing (sscd_triton.copydetect.postprocess) to the served
 ONNX, so that the server returns postprocessed descriptors.
 
     model = onnx.load("model.onnx")
@@ -53,7 +53,7 @@ def _opset(model) -> int:
 
 def append(model, params):
     """A copy of `model` (onnx.ModelProto, output `descriptors` float32 [N, d_in]) with
-    `params` (a client.postprocess.Postprocess) applied after its output."""
+    `params` (a copydetect.postprocess.Postprocess) applied after its output."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 

@@ -44,7 +44,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from sscd_triton.client.postprocess import ScoreNorm, score_normalization
+from sscd_triton.copydetect.postprocess import ScoreNorm, score_normalization
 
 DEFAULT_K = 10
 DEFAULT_QUERY_BLOCK = 65536

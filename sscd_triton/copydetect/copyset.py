@@ -92,10 +92,10 @@ def dataset(edits=EDITS) -> dict:
 
 
 def evaluate(q_ids, q_vecs, r_ids, r_vecs, ground_truth, k: int):
-    """DISC metrics (sscd_triton.client.metrics) of exact inner-product top-`k` search:
+    """DISC metrics (sscd_triton.copydetect.metrics) of exact inner-product top-`k` search:
     `q_vecs` float32 [Q, dims] against `r_vecs` [R, dims] (a few hundred rows: numpy, no
     index)."""
-    from sscd_triton.client import metrics
+    from sscd_triton.copydetect import metrics
 
     scores = np.asarray(q_vecs, np.float32) @ np.asarray(r_vecs, np.float32).T
     k = min(k, scores.shape[1])
