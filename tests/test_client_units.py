@@ -793,9 +793,9 @@ class _ConfigClient:
     (None, True),  # unreadable: assume the worst
 ])
 def test_describe_says_whether_dali_mixes_requests(preprocess, batch_mates):
-    from sscd_triton.cli import embed
+    from sscd_triton.client import model_info
 
-    info = asyncio.run(embed._model_facts(_ConfigClient(preprocess), "sscd", None))
+    info = asyncio.run(model_info._model_facts(_ConfigClient(preprocess), "sscd", None))
     assert info["batch_mates"] is batch_mates
     assert info["resampled"] is (preprocess is not None and preprocess["backend"] == "dali")
 

@@ -55,31 +55,20 @@ from __future__ import annotations
 import os
 import sys
 import argparse
-import asyncio
-import signal
-import socket
-import time
-
-from tritonclient.utils import InferenceServerException
 
 from sscd_triton import spec
 from sscd_triton.cli._help import DefaultsHelpFormatter
 from sscd_triton.client import io as outio
-from sscd_triton.client import pipeline, sources, transport
+from sscd_triton.client import job, sources
+from sscd_triton.client.exceptions import Interrupted, Unfinished, UsageError
+from sscd_triton.client.model_info import DEFAULT_BATCH, START_TIMEOUT
 from sscd_triton.cli._main import command, plural, run_main
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_UNFINISHED, EXIT_PARITY = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
-DEFAULT_BATCH = spec.CLIENT_BATCH  # the gpu repository is sized for it (serving/repository.py)
 DEFAULT_URL = "127.0.0.1:8001"
-# A server that is not there at start fails the run this fast (a wrong address).
-START_TIMEOUT = 5.0
 FIRST_FAILURES = 5  # reasons shown at the end of a run
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-class UsageError(Exception):
-    pass
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
@@ -192,375 +181,6 @@ def validate(args) -> list[str]:
     return problems + sources.check_args(args.inputs)
 
 
-class Progress:
-    """A tqdm bar (images/s, ETA once the total is known, failures), or with --quiet
-    plain log lines every 10 s."""
-
-    def __init__(self, quiet: bool, every: float = 10.0):
-        self.quiet = quiet
-        self.embedded = self.failed = 0
-        self.total = None
-        self.start = time.monotonic()
-        self._every, self._last = every, self.start
-        self.bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=None, unit="img", desc="embedding", file=sys.stderr,
-                            mininterval=0.5, smoothing=0.05, dynamic_ncols=True)
-
-    def update(self, embedded: int, failed: int) -> None:
-        self.embedded += embedded
-        self.failed += failed
-        if self.bar is not None:
-            if failed:
-                self.bar.set_postfix_str(f"failed={self.failed}", refresh=False)
-            self.bar.update(embedded + failed)
-        elif time.monotonic() - self._last >= self._every:
-            self._last = time.monotonic()
-            self.log(self.line())
-
-    def line(self) -> str:
-        done = self.embedded + self.failed
-        rate = done / max(time.monotonic() - self.start, 1e-9)
-        of = f" of {self.total}" if self.total is not None else ""
-        eta = ""
-        if self.total is not None and rate > 0:
-            eta = f", ETA {max(self.total - done, 0) / rate:.0f}s"
-        return (f"{done}{of} done ({self.embedded} embedded, {self.failed} failed), "
-                f"{rate:.1f} images/s{eta}")
-
-    def set_total(self, total: int) -> None:
-        self.total = total
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.refresh()
-
-    def log(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(f"[embed] {message}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-async def describe(endpoints: transport.Endpoints, model: str, headers: dict | None,
-                   start_timeout: float = START_TIMEOUT) -> dict:
-    """The served model's facts from the first server that answers: dims, max batch,
-    input name, preprocessing preset and identity, as far as the server tells them.
-
-    A server that is not there (refused, unknown host, not gRPC, silent) is GiveUp after
-    `start_timeout` seconds, naming each address and why: only servers lost mid-run get
-    the patient --give-up-after. One that answers, even "not ready", gets that budget."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + min(start_timeout, endpoints.give_up_after)
-    heard = False
-    # Endpoint notes wait until a server is heard: a failed start is the one error line.
-    held: list[str] = []
-    say, endpoints.on_change = endpoints.on_change, held.append
-
-    def left() -> float | None:
-        if heard:
-            return None
-        if loop.time() >= deadline:
-            raise transport.GiveUp(not_there(endpoints, start_timeout))
-        return deadline - loop.time()
-
-    def hear() -> None:
-        nonlocal heard
-        heard, endpoints.on_change = True, say
-        for message in held:
-            say(message)
-        held.clear()
-
-    try:
-        return await _first_facts(endpoints, model, headers, left, hear)
-    finally:
-        endpoints.on_change = say
-
-
-async def _first_facts(endpoints, model, headers, left, hear) -> dict:
-    """describe's loop: `left()` is the time left to hear a server (None once one was
-    heard; raises GiveUp when it is over), `hear()` says one was."""
-    while True:
-        try:
-            ep = await asyncio.wait_for(endpoints.pick(), left())
-        except TimeoutError:
-            left()  # raises GiveUp
-            continue
-        try:
-            info = await asyncio.wait_for(_model_facts(ep.client, model, headers), left())
-        except transport.Fatal:
-            hear()
-            await endpoints.report(ep, True)
-            raise
-        except TimeoutError:
-            await endpoints.report(ep, False, TimeoutError("no answer"))
-            continue
-        except (InferenceServerException, OSError) as e:
-            if transport.classify(e) == transport.RESTRICTED:
-                hear()
-                await endpoints.report(ep, True)
-                raise transport.restricted(ep.url, e) from None
-            if transport.answered(e):
-                hear()
-            await endpoints.report(ep, False, e)
-            continue
-        except BaseException:
-            endpoints.release(ep)
-            raise
-        hear()
-        await endpoints.report(ep, True)
-        return info
-
-
-def not_there(endpoints: transport.Endpoints, seconds: float) -> str:
-    """Why no server could be reached at start, in one line."""
-    return f"no server within {seconds:g}s: " + "; ".join(
-        f"{e.url} ({e.last_error or 'no answer'})" for e in endpoints.all)
-
-
-def _parameter(config: dict, key: str) -> str | None:
-    value = (config.get("parameters") or {}).get(key) or {}
-    return value.get("string_value") or None
-
-
-async def _model_facts(client, model: str, headers: dict | None) -> dict:
-    """Shapes from the model's config (or, when the model-config API is restricted, its
-    metadata); identity from the `spec.PARAM_*` parameters the repository writes into
-    the configs (None where absent: an older repository, or a restricted API) and the
-    served version from the metadata."""
-    cfg = None
-    try:
-        cfg = (await client.get_model_config(model, headers=headers, as_json=True,
-                                             client_timeout=10))["config"]
-    except Exception as e:  # noqa: BLE001
-        # "Request for unknown model: 'x' is not found" is final (a restarting server says
-        # "has no available versions" instead, which is retried).
-        if transport.status_name(e) == "NOT_FOUND" and "is not found" in str(e):
-            raise transport.Fatal(f"the server does not serve model {model!r} "
-                                  f"({transport.clean_message(e)})") from None
-        if transport.classify(e) == transport.RETRY:
-            raise
-    md = await client.get_model_metadata(model, headers=headers, as_json=True, client_timeout=10)
-    versions = sorted(md.get("versions") or [], key=lambda v: (len(v), v))
-    if cfg is not None:
-        first = cfg["input"][0]
-        info = {"dims": int(cfg["output"][0]["dims"][-1]),
-                "max_batch": int(cfg.get("max_batch_size", 0)),
-                "input": first["name"], "input_dims": [int(d) for d in first["dims"]]}
-    else:  # the model-config API may be restricted: the metadata still gives the shapes
-        first = md["inputs"][0]
-        info = {"dims": int(md["outputs"][0]["shape"][-1]), "max_batch": 0,
-                "input": first["name"], "input_dims": [int(d) for d in first["shape"][1:]]}
-    cfg = cfg or {}
-    info["version"] = versions[-1] if versions else None
-    info["sscd_model"] = _parameter(cfg, spec.PARAM_MODEL_NAME)
-    info["weights_sha256"] = _parameter(cfg, spec.PARAM_WEIGHTS_SHA256)
-    info["preprocess"] = _parameter(cfg, spec.PARAM_PREPROCESS)
-    info["precision"] = _parameter(cfg, spec.PARAM_PRECISION)
-    # DALI (the gpu target) decodes and resizes otherwise than PIL: --check-parity then
-    # applies the resampled-pipeline bounds (sscd_triton/spec.py).
-    # A DALI model behind a dynamic batcher fails other requests' images with a corrupt
-    # one: the client then isolates through its one-at-a-time lane (client/transport.py).
-    # Assumed when the config cannot be read; this project's gpu repository has none.
-    info["resampled"], info["batch_mates"] = False, True
-    try:
-        pre = (await client.get_model_config(spec.PREPROCESS_MODEL, headers=headers,
-                                             as_json=True, client_timeout=10))["config"]
-        info["preprocess"] = info["preprocess"] or _parameter(pre, spec.PARAM_PREPROCESS)
-        info["resampled"] = pre.get("backend") == "dali"
-        info["batch_mates"] = info["resampled"] and "dynamic_batching" in pre
-    except Exception:  # noqa: BLE001  (not this repository's layout, or API restricted)
-        pass
-    return info
-
-
-def resolve_preprocess(args, info: dict) -> spec.Preprocess:
-    served = info.get("preprocess")
-    if args.preprocess_mode and served in spec.PREPROCESS and served != args.preprocess_mode:
-        raise UsageError(f"--preprocess-mode {args.preprocess_mode}, but the server preprocesses "
-                         f"with {served}: descriptors would not match; drop the flag or use "
-                         f"{served}")
-    mode = spec.PREPROCESS[args.preprocess_mode or (served if served in spec.PREPROCESS else
-                                                    spec.DEFAULT_PREPROCESS)]
-    dims = info.get("input_dims") or []
-    if args.preprocess == "client" and len(dims) == 3 and dims[1] > 0 and (
-            not mode.square or dims[1] != mode.size):
-        raise UsageError(f"model {args.model} takes fixed {dims[1]}x{dims[2]} tensors; "
-                         f"--preprocess-mode {mode.name} does not make those")
-    return mode
-
-
-HTTP_HINT = "{url} looks like Triton's HTTP port; gRPC is usually 8001"
-_HTTP_SIGNS = ("socket closed", "http/1", "http1", "protocol error")
-_speaks_http: dict[str, bool] = {}
-
-
-def speaks_http(url: str, timeout: float = 0.5) -> bool:
-    """Whether HOST:PORT answers a plain HTTP/1 request (asked once per URL)."""
-    if url not in _speaks_http:
-        host, port = url.rsplit(":", 1)
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout) as sock:
-                sock.settimeout(timeout)
-                sock.sendall(b"GET /v2/health/live HTTP/1.0\r\nHost: x\r\n\r\n")
-                _speaks_http[url] = sock.recv(5) == b"HTTP/"
-        except (OSError, ValueError):
-            _speaks_http[url] = False
-    return _speaks_http[url]
-
-
-def http_hint(message: str, urls: list[str]) -> str:
-    """`message` (about failed requests), plus a hint for a URL named in it that fails the
-    way gRPC fails against an HTTP/1 server and that does answer HTTP."""
-    if not any(sign in message.lower() for sign in _HTTP_SIGNS):
-        return message
-    named = [u for u in urls if u in message and speaks_http(u)]
-    return message + "".join(f"; {HTTP_HINT.format(url=u)}" for u in named)
-
-
-def _finish(output, store, complete: bool) -> None:
-    """The one cleanup of the output (on a thread: it fsyncs): finalize an .npz that is
-    complete, else close the store, recording whether every input was accounted for."""
-    try:
-        if complete and isinstance(output, outio.NpzOutput):
-            output.finalize()
-        else:
-            store.close(complete=complete)
-    except OSError as e:  # disk full, read-only: resumable, not "completed with failures"
-        raise outio.WriteError(f"writing the output failed: {e}") from e
-
-
-async def run(args) -> int:
-    started = time.monotonic()
-    progress = Progress(args.quiet)
-    log = progress.log
-    hinted = set()
-
-    def on_change(message: str) -> None:
-        shown = http_hint(message, args.url)
-        if shown != message:  # the hint once per run is enough
-            key = shown[len(message):]
-            shown = message if key in hinted else shown
-            hinted.add(key)
-        log(shown)
-
-    endpoints = transport.Endpoints(args.url, args.give_up_after, on_change=on_change)
-    client_side = args.preprocess == "client"
-    args.model = args.model or (spec.DESCRIPTOR_MODEL if client_side else spec.ENSEMBLE_NAME)
-    output = store = slots = sender = stats = None
-    mode = None
-    complete = False
-    headers = dict(h.split("=", 1) for h in args.header or []) or None
-    try:
-        try:
-            info = await describe(endpoints, args.model, headers)
-            mode = resolve_preprocess(args, info)
-            batch = args.batch_size or DEFAULT_BATCH
-            if info["max_batch"] and batch > info["max_batch"]:
-                if args.batch_size:
-                    log(f"--batch-size {batch} capped at the model's max_batch_size "
-                        f"{info['max_batch']}")
-                batch = info["max_batch"]
-            meta = {"model": args.model, "model_version": info.get("version"),
-                    "sscd_model": info.get("sscd_model"),
-                    "weights_sha256": info.get("weights_sha256"), "dims": info["dims"],
-                "precision": info.get("precision"),
-                    "preprocess": mode.name, "preprocess_on": args.preprocess,
-                    "urls": list(args.url)}
-            if outio.is_npz(args.output):
-                output = outio.NpzOutput(args.output, meta, args.shard_size, args.flush_seconds)
-            else:
-                partitioned = args.partition_size > 0 and all(
-                    sources.is_listing(a) for a in args.inputs)
-                output = outio.ShardStore(args.output, meta, args.shard_size, args.flush_seconds,
-                                          partitioned=partitioned,
-                                          partition_size=args.partition_size)
-            try:
-                store = await asyncio.to_thread(output.open)
-            except OSError as e:
-                raise outio.OutputError(str(e)) from None
-            if store.embedded or store.failed:
-                how = "finished partitions are skipped unread" if store.partitioned else \
-                    "their ids are skipped"
-                log(f"resuming {args.output}: {store.embedded} embedded and {store.failed} "
-                    f"failed by earlier runs are kept ({how})")
-            if meta["weights_sha256"] is None:
-                log("note: the server does not report its weights fingerprint (an older "
-                    "repository, or a restricted model-config API: --header); the output "
-                    "records it as unknown")
-            opts = pipeline.Options(batch_size=batch, concurrency=args.concurrency,
-                                    read_threads=args.read_threads, preprocess=mode,
-                                    client_side=client_side, max_file_bytes=args.max_file_bytes,
-                                    max_request_bytes=args.max_request_bytes)
-            if args.shared_memory == "system":
-                slots = transport.ShmSlots(args.concurrency, headers=headers)
-            sink = pipeline.Sink(store, progress)
-            sender = transport.Sender(endpoints, args.model, info["input"], info["dims"],
-                                      sink.result, sink.failure, args.timeout, slots,
-                                      headers=headers, batch_mates=info["batch_mates"],
-                                      log=log)
-            units = pipeline.plan(store, args.inputs, exclude=[store.folder])
-            task = asyncio.create_task(pipeline.run(units, sink, sender, opts, progress))
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
-            try:
-                stats = await task
-            finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
-            accounted = store.new_embedded + store.new_failed
-            if accounted != stats.inputs:  # the invariant everything above exists for
-                raise Unaccounted(f"{stats.inputs} new inputs but {accounted} results")
-            complete = True
-        finally:  # the one cleanup path, whatever happened above
-            progress.close()
-            if slots is not None:
-                await slots.close(endpoints.all)
-            await endpoints.close()
-            if store is not None:  # last: a WriteError here still leaves nothing open
-                await asyncio.to_thread(_finish, output, store, complete)
-    except asyncio.CancelledError:
-        print(f"interrupted: {_kept(store, args)}; rerun the same command to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except transport.GiveUp as e:
-        message = http_hint(str(e), args.url)
-        if store is None:
-            print(f"error: could not start: {message}. Nothing was written; rerun when a "
-                  "server is up.", file=sys.stderr)
-        else:
-            print(f"error: could not finish: {message}.\nEverything finished so far is kept "
-                  f"({_kept(store, args)}); rerun the same command to resume.",
-                  file=sys.stderr)
-        return EXIT_UNFINISHED
-    except (outio.WriteError, Unaccounted) as e:
-        print(f"error: could not finish: {e}.\nEvery shard written so far is kept "
-              f"({_kept(store, args)}); rerun the same command to resume.", file=sys.stderr)
-        return EXIT_UNFINISHED
-    except (transport.Fatal, outio.OutputError) as e:
-        raise UsageError(str(e)) from None
-    elapsed = time.monotonic() - started
-    new = store.new_embedded + store.new_failed
-    print(f"summary: embedded {store.new_embedded}, failed {store.new_failed}"
-          f"{by_type(stats.unaccepted)}, skipped "
-          f"{stats.skipped} (done before, or named twice), elapsed {elapsed:.1f}s, "
-          f"{new / max(elapsed, 1e-9):.1f} images/s "
-          f"({plural(sender.requests, 'request')}); {args.output} holds {store.embedded} "
-          f"descriptors, {store.failed} failures in {outio.failures_path(args.output)}",
-          flush=True)
-    end_notes(args.output, store.failed, info.get("sscd_model"))
-    status = EXIT_FAILURES if store.failed else EXIT_OK
-    return with_parity(args, status, mode, not client_side and info.get("resampled", False),
-                       info.get("precision") == "int8")
-
-
 def by_type(unaccepted) -> str:
     """The summary's count of files of a type not accepted (a Counter by file type)."""
     if not unaccepted:
@@ -600,27 +220,62 @@ def with_parity(args, status: int, mode: spec.Preprocess, resampled: bool,
     return status if ok else EXIT_PARITY
 
 
-class Unaccounted(Exception):
-    """Results and inputs do not add up (a bug): the output is kept as unfinished."""
+def settings_of(args) -> job.Settings:
+    """The library's settings from the parsed command line."""
+    return job.Settings(
+        urls=list(args.url), batch_size=args.batch_size, concurrency=args.concurrency,
+        read_threads=args.read_threads, preprocess=args.preprocess,
+        preprocess_mode=args.preprocess_mode, shared_memory=args.shared_memory,
+        headers=dict(h.split("=", 1) for h in args.header or []) or None, model=args.model,
+        give_up_after=args.give_up_after, timeout=args.timeout, shard_size=args.shard_size,
+        partition_size=args.partition_size, flush_seconds=args.flush_seconds,
+        max_file_bytes=args.max_file_bytes, max_request_bytes=args.max_request_bytes,
+        quiet=args.quiet, ray=args.ray, ray_actors=args.ray_actors)
 
 
-def _kept(store, args) -> str:
-    if store is None:
-        return "nothing was written"
-    return f"{store.embedded} embedded, {store.failed} failed in {args.output}"
+def report(summary: job.Summary) -> None:
+    """The summary line and the end notes of a finished run, on stdout."""
+    new = summary.new_embedded + summary.new_failed
+    how = (plural(summary.requests, "request") if summary.requests is not None else
+           f"{plural(summary.partitions, 'partition')} on {plural(summary.actors, 'Ray actor')}")
+    print(f"summary: embedded {summary.new_embedded}, failed {summary.new_failed}"
+          f"{by_type(summary.unaccepted)}, skipped "
+          f"{summary.skipped} (done before, or named twice), elapsed {summary.elapsed:.1f}s, "
+          f"{new / max(summary.elapsed, 1e-9):.1f} images/s "
+          f"({how}); {summary.output} holds {summary.embedded} "
+          f"descriptors, {summary.failed} failures in {outio.failures_path(summary.output)}",
+          flush=True)
+    end_notes(summary.output, summary.failed, summary.info.get("sscd_model"))
+
+
+def unfinished(e: Unfinished) -> int:
+    """The one message of a run that stopped early (resumable), and its exit status."""
+    if isinstance(e, Interrupted):
+        print(f"interrupted: {e.kept}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not e.started:
+        print(f"error: could not start: {e}. Nothing was written; rerun when a "
+              "server is up.", file=sys.stderr)
+    else:
+        print(f"error: could not finish: {e}.\n{e.what_kept} is kept "
+              f"({e.kept}); rerun the same command to resume.", file=sys.stderr)
+    return EXIT_UNFINISHED
+
+
+def run(args) -> int:
+    try:
+        summary = job.run(args.inputs, args.output, settings_of(args))
+    except Unfinished as e:
+        return unfinished(e)
+    report(summary)
+    status = EXIT_FAILURES if summary.failed else EXIT_OK
+    return with_parity(args, status, summary.preprocess, summary.resampled,
+                       summary.info.get("precision") == "int8")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-
-    def go() -> int:
-        if args.ray:
-            from sscd_triton.client import ray_embed  # ray is imported only here
-
-            return ray_embed.run(args)
-        return asyncio.run(run(args))
-
-    return run_main(validate(args), go, (UsageError,))
+    return run_main(validate(args), lambda: run(args), (UsageError,))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Client side of sscd-triton: embed image collections through a Triton server.
+"""Embedding through a Triton server: the Python API and the engine of `sscd-embed`.
 
-    sscd-embed photos/ --url 127.0.0.1:8001 --output runs/photos-emb
-    python -c "from sscd_triton import load_embeddings; print(load_embeddings('runs/photos-emb')[1].shape)"
+    from sscd_triton import Client
+    with Client("127.0.0.1:8001") as client:
+        emb = client.embed(["a.jpg", b"<encoded bytes>"])   # float32 [2, dims]
 
-Modules (flat, small): `sscd_triton.cli.embed` (the CLI: arguments, model facts and
-identity, the one cleanup path), `pipeline` (units of work and partitions, reading,
-batching, dispatch), `transport` (endpoints, retries, splitting rejected batches, shared
-memory), `sources` (lazy input enumeration, partitions of listings), `idset` (compact
-set of seen ids), `io` (Parquet shards written off the event loop, done-markers, model
-identity, `.npz`, `load_embeddings`), `parity_check` (the only module that imports
-torch) and `postprocess` (centering, PCA whitening, score normalisation; numpy only).
+Modules (flat, small): `job` (an embedding job over files into an output: the engine of
+sscd-embed and Client.embed_files), `model_info` (what the server serves), `pipeline`
+(units of work, reading, batching, dispatch), `transport` (endpoints, retries, splitting
+rejected batches, shared memory), `errors` (what a failed call means), `exceptions`
+(what the library raises), `sources` (lazy input enumeration, partitions of listings),
+`idset` (compact set of seen ids), `io` (Parquet shards, done-markers, model identity,
+`.npz`, `load_embeddings`), `progress`, `ray_embed` (the job on Ray Data) and
+`parity_check` (the only module that imports torch). Copy detection on descriptors is
+`sscd_triton.copydetect`.
 """

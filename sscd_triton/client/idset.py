@@ -4,7 +4,7 @@ Each id is kept as a 96-bit BLAKE2b digest of its normalised path (12 bytes; cha
 any collision among 50 million ids about 1e-14), in a few sorted numpy arrays plus a
 small Python set of recent ones, merged as they grow (a log-structured set). 50 million
 ids take about 0.6 GB instead of the ~5 GB a Python set of strings would. Resuming a
-partitioned input needs one only per unfinished partition (sscd_triton.cli.embed).
+partitioned input needs one only per unfinished partition (sscd_triton.client.job).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ One process at a time writes an output: it holds an exclusive `flock` on `DIR/.l
 
 `load_embeddings(path)` reads every form (also version-1 folders of .npy shards):
 `ids, embeddings = load_embeddings(path)`. Ids are unique for unpartitioned runs; with
-partitioned inputs each partition is de-duplicated on its own (see sscd_triton.cli.embed).
+partitioned inputs each partition is de-duplicated on its own (see sscd_triton.client.job).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`embed.py --ray ADDRESS`: the same run, scaled out on Ray Data.
 
 The driver (this process) does what is cheap and must happen once: it asks a server for
-the model's facts (`cli.embed.describe`), opens the output folder (`io.ShardStore`, which
+the model's facts (`model_info.describe`), opens the output folder (`io.ShardStore`, which
 holds the output's lock, checks the model identity and writes the manifest), and cuts the
 inputs into partitions:
 
@@ -27,7 +27,7 @@ pools retry tasks of dead actors: max_restarts / max_task_retries -1); a rerun o
 command redoes only partitions without a marker.
 
 The driver then counts the shards (their footers), writes the manifest, prints the
-summary and returns embed.py's exit status. The actors need the input files and the
+summary and returns a `job.Summary` (or raises client.exceptions, as job.run does). The actors need the input files and the
 output folder at the same paths (a shared file system on a cluster).
 """
 from __future__ import annotations
@@ -38,13 +38,13 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 
 from sscd_triton import spec
 from sscd_triton.client import io as outio
-from sscd_triton.cli._main import plural
-from sscd_triton.client import pipeline, sources, transport
+from sscd_triton.client import job, model_info, pipeline, sources, transport
+from sscd_triton.client.exceptions import Interrupted, ServerUnavailable, Unfinished, UsageError
+from sscd_triton.client.progress import Progress
 
 # Test hook: a file path; the first actor to claim it (creates it) writes one shard of
 # its partition and dies with os._exit(1), as a lost worker would.
@@ -277,7 +277,7 @@ def _start_ray(address: str, quiet: bool, actors: int):
     try:
         import ray
     except ImportError:
-        raise UsageErrorProxy("--ray needs Ray: pip install 'ray[data]' "
+        raise UsageError("--ray needs Ray: pip install 'ray[data]' "
                               "(the version in requirements.txt)") from None
     kwargs = {"include_dashboard": False, "log_to_driver": not quiet,
               "logging_level": "WARNING"}
@@ -295,88 +295,60 @@ def _start_ray(address: str, quiet: bool, actors: int):
     return ray
 
 
-class UsageErrorProxy(Exception):
-    """Raised here, turned into embed.py's UsageError (exit 2) by `run`."""
-
-
-async def _prepare(args, log):
+async def _prepare(settings: job.Settings, log):
     """The model's facts, the preprocessing and the batch size, as embed.py finds them."""
-    from sscd_triton.cli import embed
-
-    endpoints = transport.Endpoints(args.url, args.give_up_after, on_change=log)
+    endpoints = transport.Endpoints(settings.urls, settings.give_up_after, on_change=log)
     try:
-        info = await embed.describe(endpoints, args.model, _headers(args))
+        info = await model_info.describe(endpoints, settings.model_name, settings.headers)
     finally:
         await endpoints.close()
-    mode = embed.resolve_preprocess(args, info)
-    batch = args.batch_size or embed.DEFAULT_BATCH
-    if info["max_batch"] and batch > info["max_batch"]:
-        batch = info["max_batch"]
-    return info, mode, batch
+    mode = model_info.resolve_preprocess(info, settings.model_name, settings.preprocess_mode,
+                                         settings.client_side)
+    return info, mode, model_info.batch_size(info, settings.batch_size)
 
 
-def _headers(args) -> dict | None:
-    return dict(h.split("=", 1) for h in args.header or []) or None
-
-
-def run(args) -> int:
-    """embed.py's run, on Ray; returns its exit status (raises embed.UsageError)."""
-    from sscd_triton.cli import embed
-
-    try:
-        return _run(args, embed)
-    except UsageErrorProxy as e:
-        raise embed.UsageError(str(e)) from None
-
-
-def _run(args, embed) -> int:
+def run(inputs: list[str], output: str, settings: job.Settings) -> job.Summary:
+    """job.run on Ray: the same Summary and errors (client.exceptions)."""
     started = time.monotonic()
-    if outio.is_npz(args.output):
-        raise UsageErrorProxy("--ray writes a folder output (Parquet shards): give --output "
-                              "a folder, not an .npz")
-    if args.shared_memory != "none":
-        raise UsageErrorProxy("--ray sends over gRPC only (its actors may run on other "
-                              "hosts): drop --shared-memory")
-    if args.partition_size < 1:
-        raise UsageErrorProxy("--ray resumes by partitions: --partition-size must be >= 1")
-    client_side = args.preprocess == "client"
-    args.model = args.model or (spec.DESCRIPTOR_MODEL if client_side else spec.ENSEMBLE_NAME)
-    progress = embed.Progress(args.quiet)
+    if outio.is_npz(output):
+        raise UsageError("--ray writes a folder output (Parquet shards): give --output "
+                         "a folder, not an .npz")
+    if settings.shared_memory != "none":
+        raise UsageError("--ray sends over gRPC only (its actors may run on other "
+                         "hosts): drop --shared-memory")
+    if settings.partition_size < 1:
+        raise UsageError("--ray resumes by partitions: --partition-size must be >= 1")
+    client_side = settings.client_side
+    progress = Progress(settings.quiet)
     log = progress.log
     store = None
     complete = False
     try:
         try:
-            info, mode, batch = asyncio.run(_prepare(args, log))
+            info, mode, batch = asyncio.run(_prepare(settings, log))
         except transport.GiveUp as e:
-            print(f"error: could not start: {embed.http_hint(str(e), args.url)}. Nothing was "
-                  "written; rerun when a server is up.", file=sys.stderr)
-            return embed.EXIT_UNFINISHED
+            raise ServerUnavailable(model_info.http_hint(str(e), settings.urls),
+                                    started=False) from None
         except transport.Fatal as e:
-            raise UsageErrorProxy(str(e)) from None
-        meta = {"model": args.model, "model_version": info.get("version"),
-                "sscd_model": info.get("sscd_model"),
-                "weights_sha256": info.get("weights_sha256"), "dims": info["dims"],
-                "precision": info.get("precision"),
-                "preprocess": mode.name, "preprocess_on": args.preprocess,
-                "urls": list(args.url)}
-        store = outio.ShardStore(args.output, meta, args.shard_size, args.flush_seconds,
-                                 partitioned=True, partition_size=args.partition_size)
+            raise UsageError(str(e)) from None
+        meta = job.output_meta(settings, info, mode)
+        store = outio.ShardStore(output, meta, settings.shard_size, settings.flush_seconds,
+                                 partitioned=True, partition_size=settings.partition_size)
         try:
             store.open()
         except OSError as e:
             store = None
-            raise UsageErrorProxy(str(e)) from None
+            raise UsageError(str(e)) from None
         except outio.OutputError as e:
             store = None
-            raise UsageErrorProxy(str(e)) from None
+            raise UsageError(str(e)) from None
         if not store.partitioned:
-            raise UsageErrorProxy(f"{args.output} resumes by ids (written by embed.py with "
+            raise UsageError(f"{output} resumes by ids (written by embed.py with "
                                   "folder or glob inputs): continue it without --ray, or use "
                                   "another --output")
         rows, skipped, keys = [], 0, []
         unaccepted = collections.Counter()
-        for part in iter_partitions(args.inputs, store.partition_size, exclude=[store.folder],
+        for part in iter_partitions(inputs, store.partition_size, exclude=[store.folder],
                                     resolve=not store.ids_as_given):
             keys.append(part.key)
             marker = store.partition_marker(part.key)
@@ -386,33 +358,34 @@ def _run(args, embed) -> int:
                                   getattr(part, "problems", {}).items()
                                   if p.startswith(sources.NOT_ACCEPTED))
             elif marker.get("fingerprint") != part.fingerprint:
-                raise UsageErrorProxy(str(outio.mismatch(part.describe(), args.output)))
+                raise UsageError(str(outio.mismatch(part.describe(), output)))
             else:
                 skipped += len(part.lines)
         if store.embedded or store.failed:
-            log(f"resuming {args.output}: {store.embedded} embedded and {store.failed} failed "
+            log(f"resuming {output}: {store.embedded} embedded and {store.failed} failed "
                 f"by earlier runs are kept ({len(keys) - len(rows)} of {len(keys)} partitions "
                 "finished, skipped unread)")
         before = store.embedded, store.failed
         statuses: dict[str, list[str]] = {}
         actors = 0
         if rows:
-            ray = _start_ray(args.ray, args.quiet, args.ray_actors)
+            ray = _start_ray(settings.ray, settings.quiet, settings.ray_actors)
             try:
                 cpus = int(ray.cluster_resources().get("CPU", 1))
-                actors = max(1, min(args.ray_actors or cpus, cpus, len(rows)))
+                actors = max(1, min(settings.ray_actors or cpus, cpus, len(rows)))
                 log(f"Ray: {len(rows)} partitions on {actors} actors")
                 config = {
-                    "urls": list(args.url), "give_up_after": args.give_up_after,
-                    "model": args.model, "input": info["input"], "dims": info["dims"],
-                    "batch_mates": info["batch_mates"],
-                    "timeout": args.timeout, "headers": _headers(args), "meta": meta,
-                    "folder": os.path.abspath(args.output), "shard_size": args.shard_size,
-                    "flush_seconds": args.flush_seconds, "batch_size": batch,
-                    "concurrency": args.concurrency, "read_threads": args.read_threads,
+                    "urls": list(settings.urls), "give_up_after": settings.give_up_after,
+                    "model": settings.model_name, "input": info["input"],
+                    "dims": info["dims"], "batch_mates": info["batch_mates"],
+                    "timeout": settings.timeout, "headers": settings.headers, "meta": meta,
+                    "folder": os.path.abspath(output), "shard_size": settings.shard_size,
+                    "flush_seconds": settings.flush_seconds, "batch_size": batch,
+                    "concurrency": settings.concurrency,
+                    "read_threads": settings.read_threads,
                     "preprocess": mode.name, "client_side": client_side,
-                    "max_file_bytes": args.max_file_bytes,
-                    "max_request_bytes": args.max_request_bytes,
+                    "max_file_bytes": settings.max_file_bytes,
+                    "max_request_bytes": settings.max_request_bytes,
                     "crash_file": os.environ.get(CRASH_ENV)}
                 ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
                     EmbedPartition, batch_size=1, fn_constructor_kwargs={"config": config},
@@ -431,7 +404,7 @@ def _run(args, embed) -> int:
                     first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                     statuses.setdefault("unfinished", []).append(f"Ray: {first}")
             finally:
-                if args.ray == "local":
+                if settings.ray == "local":
                     ray.shutdown()
         store.embedded, store.failed = _count_rows(store.folder)
         # also what attempts that died recorded before their partition was retried
@@ -441,9 +414,7 @@ def _run(args, embed) -> int:
         complete = not missing and not statuses
     except KeyboardInterrupt:
         progress.close()
-        print(f"interrupted: {embed._kept(store, args)}; rerun the same command to resume",
-              file=sys.stderr)
-        return embed.EXIT_INTERRUPTED
+        raise Interrupted("interrupted", job.kept(store, output), store is not None) from None
     finally:
         progress.close()
         if store is not None:
@@ -454,22 +425,13 @@ def _run(args, embed) -> int:
                     pass
             store.close(complete=complete)
     if "fatal" in statuses:
-        raise UsageErrorProxy(statuses["fatal"][0])
+        raise UsageError(statuses["fatal"][0])
     if not complete:
         why = (statuses.get("unfinished")
                or [f"{len(missing)} partitions have no done-marker"])[0]
-        print(f"error: could not finish: {embed.http_hint(why, args.url)}.\nEverything "
-              f"finished so far is kept ({embed._kept(store, args)}); rerun the same command "
-              "to resume.", file=sys.stderr)
-        return embed.EXIT_UNFINISHED
-    elapsed = time.monotonic() - started
-    print(f"summary: embedded {embedded}, failed {failed}{embed.by_type(unaccepted)}, skipped "
-          f"{skipped} (done before, or named twice), elapsed {elapsed:.1f}s, "
-          f"{(embedded + failed) / max(elapsed, 1e-9):.1f} images/s "
-          f"({plural(len(rows), 'partition')} on {plural(actors, 'Ray actor')}); "
-          f"{args.output} holds {store.embedded} descriptors, {store.failed} failures in "
-          f"{outio.failures_path(args.output)}", flush=True)
-    embed.end_notes(args.output, store.failed, info.get("sscd_model"))
-    status = embed.EXIT_FAILURES if store.failed else embed.EXIT_OK
-    return embed.with_parity(args, status, mode, not client_side and info.get("resampled", False),
-                             info.get("precision") == "int8")
+        raise Unfinished(model_info.http_hint(why, settings.urls), job.kept(store, output))
+    return job.Summary(output=output, new_embedded=embedded, new_failed=failed,
+                       embedded=store.embedded, failed=store.failed, skipped=skipped,
+                       unaccepted=unaccepted, elapsed=time.monotonic() - started, info=info,
+                       preprocess=mode, partitions=len(rows), actors=actors,
+                       preprocess_on=settings.preprocess)
