@@ -14,7 +14,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from sscd_triton.client import io as outio
-from sscd_triton.client import pipeline, postprocess, sources, transport
+from sscd_triton.client import pipeline, sources, transport
+from sscd_triton.copydetect import postprocess
 from sscd_triton.client.idset import IdSet
 from sscd_triton import images, samples
 from sscd_triton.bench import fake_dali
