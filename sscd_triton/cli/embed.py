@@ -230,7 +230,7 @@ def settings_of(args) -> job.Settings:
         give_up_after=args.give_up_after, timeout=args.timeout, shard_size=args.shard_size,
         partition_size=args.partition_size, flush_seconds=args.flush_seconds,
         max_file_bytes=args.max_file_bytes, max_request_bytes=args.max_request_bytes,
-        quiet=args.quiet, ray=args.ray, ray_actors=args.ray_actors)
+        quiet=args.quiet)
 
 
 def report(summary: job.Summary) -> None:
@@ -264,7 +264,13 @@ def unfinished(e: Unfinished) -> int:
 
 def run(args) -> int:
     try:
-        summary = job.run(args.inputs, args.output, settings_of(args))
+        if args.ray:
+            from sscd_triton.client import ray_embed  # ray is imported only here
+
+            summary = ray_embed.run(args.inputs, args.output, settings_of(args), args.ray,
+                                    args.ray_actors)
+        else:
+            summary = job.run(args.inputs, args.output, settings_of(args))
     except Unfinished as e:
         return unfinished(e)
     report(summary)

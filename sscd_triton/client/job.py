@@ -51,8 +51,6 @@ class Settings:
     max_file_bytes: int = 64 << 20
     max_request_bytes: int = 64 << 20
     quiet: bool = True  # plain log lines instead of a progress bar
-    ray: str | None = None  # a Ray address: run on Ray Data (client/ray_embed.py)
-    ray_actors: int = 0
 
     @property
     def client_side(self) -> bool:
@@ -107,13 +105,8 @@ def output_meta(settings: Settings, info: dict, mode: spec.Preprocess) -> dict:
 
 def run(inputs: list[str], output: str, settings: Settings | None = None,
         progress=None, handle_signals: bool = True) -> Summary:
-    """`embed_files` from synchronous code (runs its own event loop); on Ray when
-    `settings.ray` is set."""
-    settings = settings or Settings()
-    if settings.ray:
-        from sscd_triton.client import ray_embed  # ray is imported only here
-
-        return ray_embed.run(inputs, output, settings)
+    """`embed_files` from synchronous code (runs its own event loop). The same job on
+    Ray Data is `ray_embed.run`."""
     return asyncio.run(embed_files(inputs, output, settings, progress, handle_signals))
 
 

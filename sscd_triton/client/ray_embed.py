@@ -27,8 +27,8 @@ pools retry tasks of dead actors: max_restarts / max_task_retries -1); a rerun o
 command redoes only partitions without a marker.
 
 The driver then counts the shards (their footers), writes the manifest, prints the
-summary and returns a `job.Summary` (or raises client.exceptions, as job.run does). The actors need the input files and the
-output folder at the same paths (a shared file system on a cluster).
+summary and returns a `job.Summary` (or raises client.exceptions, as job.run does).
+The actors need the input files and the output folder at the same paths (a shared file system on a cluster).
 """
 from __future__ import annotations
 
@@ -307,8 +307,11 @@ async def _prepare(settings: job.Settings, log):
     return info, mode, model_info.batch_size(info, settings.batch_size)
 
 
-def run(inputs: list[str], output: str, settings: job.Settings) -> job.Summary:
-    """job.run on Ray: the same Summary and errors (client.exceptions)."""
+def run(inputs: list[str], output: str, settings: job.Settings, address: str = "local",
+        actors: int = 0) -> job.Summary:
+    """job.run on Ray Data at `address` ('local' starts a local instance) with `actors`
+    actors (0: one per CPU of the cluster): the same Summary and errors
+    (client.exceptions)."""
     started = time.monotonic()
     if outio.is_npz(output):
         raise UsageError("--ray writes a folder output (Parquet shards): give --output "
@@ -367,12 +370,12 @@ def run(inputs: list[str], output: str, settings: job.Settings) -> job.Summary:
                 "finished, skipped unread)")
         before = store.embedded, store.failed
         statuses: dict[str, list[str]] = {}
-        actors = 0
+        asked, actors = actors, 0
         if rows:
-            ray = _start_ray(settings.ray, settings.quiet, settings.ray_actors)
+            ray = _start_ray(address, settings.quiet, asked)
             try:
                 cpus = int(ray.cluster_resources().get("CPU", 1))
-                actors = max(1, min(settings.ray_actors or cpus, cpus, len(rows)))
+                actors = max(1, min(asked or cpus, cpus, len(rows)))
                 log(f"Ray: {len(rows)} partitions on {actors} actors")
                 config = {
                     "urls": list(settings.urls), "give_up_after": settings.give_up_after,
@@ -404,7 +407,7 @@ def run(inputs: list[str], output: str, settings: job.Settings) -> job.Summary:
                     first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                     statuses.setdefault("unfinished", []).append(f"Ray: {first}")
             finally:
-                if settings.ray == "local":
+                if address == "local":
                     ray.shutdown()
         store.embedded, store.failed = _count_rows(store.folder)
         # also what attempts that died recorded before their partition was retried
