@@ -26,9 +26,9 @@ dies mid-partition is restarted by Ray and the partition is retried (Ray Data's 
 pools retry tasks of dead actors: max_restarts / max_task_retries -1); a rerun of the
 command redoes only partitions without a marker.
 
-The driver then counts the shards (their footers), writes the manifest, prints the
-summary and returns a `job.Summary` (or raises client.exceptions, as job.run does).
-The actors need the input files and the output folder at the same paths (a shared file system on a cluster).
+The driver then counts the shards (their footers), writes the manifest and returns a
+`job.Summary` (or raises client.exceptions, as job.run does). The actors need the input
+files and the output folder at the same paths (a shared file system on a cluster).
 """
 from __future__ import annotations
 
