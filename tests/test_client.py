@@ -531,3 +531,37 @@ def test_sigterm_mid_run_exits_3_promptly_then_resumes(triton, photos, reference
         assert load_failures(str(out)) == []
     finally:
         server.stop()
+
+
+PREVIOUS = Path(__file__).parent / "data" / "embed-0.1.0"
+FIRST = ["astronaut", "brick", "camera", "cell"]
+ALL = FIRST + ["chelsea", "coffee", "coins", "rocket"]
+
+
+@pytest.mark.parametrize("layout,partition", [("partitioned", "2"), ("ids", "0")])
+def test_resumes_an_output_of_the_previous_version(triton, tmp_path, layout, partition):
+    """Outputs written by sscd-triton 0.1.0 before the engine moved into the library
+    (tests/data/embed-0.1.0: `photos/<name>.jpg` listed on stdin, the first four
+    embedded): the current sscd-embed keeps them, embeds only the rest, and ends where
+    one uninterrupted run of the current version ends."""
+    (tmp_path / "photos").mkdir()
+    for path in samples.photograph_paths():
+        if Path(path).stem in ALL:
+            shutil.copy(path, tmp_path / "photos")
+    listing = "".join(f"photos/{n}.jpg\n" for n in ALL)
+    assert (PREVIOUS / "first.txt").read_text() == "".join(f"photos/{n}.jpg\n" for n in FIRST)
+    shutil.copytree(PREVIOUS / layout, tmp_path / "out")
+    url = triton.server.grpc_url
+    r = embed("-", "--partition-size", partition, "--output", "out", "--quiet", url=url,
+              stdin=listing, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "embedded 4, failed 0, skipped 4" in r.stdout, r.stdout
+    fresh = embed("-", "--partition-size", partition, "--output", "fresh", "--quiet", url=url,
+                  stdin=listing, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    ids, emb = load_embeddings(str(tmp_path / "out"))
+    ids2, emb2 = load_embeddings(str(tmp_path / "fresh"))
+    assert sorted(ids) == sorted(ids2) == sorted(f"photos/{n}.jpg" for n in ALL)
+    order, order2 = np.argsort(ids), np.argsort(ids2)
+    cos = np.sum(emb[order] * emb2[order2], axis=1)
+    assert cos.min() > 0.9999, cos
