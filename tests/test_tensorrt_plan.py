@@ -127,7 +127,7 @@ def half_path(half, tmp_path_factory):
 
 
 def shapes_of(*argv):
-    return trt_profile.profile_shapes(build_tensorrt.parse_args(["--onnx", "m.onnx", *argv]))
+    return build_tensorrt.profile_of(build_tensorrt.parse_args(["--onnx", "m.onnx", *argv]))
 
 
 # --- profiles --------------------------------------------------------------------------

@@ -30,6 +30,23 @@ ROW_HELP = {
 }
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How much each row measures: `images` timed per row, `batch` images per call or
+    request, `requests` batched calls per row, `warmup` untimed rounds, `concurrency`
+    requests in flight (Triton rows), `admin_key` for restricted server APIs."""
+
+    images: int
+    batch: int
+    warmup: int = 1
+    concurrency: int = 1
+    admin_key: str | None = None
+
+    @property
+    def requests(self) -> int:
+        return -(-self.images // self.batch)
+
+
 @dataclass
 class Row:
     id: str

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from sscd_triton import images
-from sscd_triton.bench.common import PRE, Row, request_items
+from sscd_triton.bench.common import PRE, Budget, Row, request_items
 
 def time_calls(row: Row, call, requests: int, warmup: int) -> Row:
     """Closed loop, one call at a time: `call(i)` runs request i."""
@@ -35,10 +35,10 @@ def batched_call(tensors: np.ndarray, batch: int, fn):
     return call
 
 
-def torch_row(model, tensors, args, device: str) -> Row:
+def torch_row(model, tensors, budget: Budget, device: str) -> Row:
     import torch
 
-    row = Row("torch-eager", args.batch, 1)
+    row = Row("torch-eager", budget.batch, 1)
     model = model.to(device).eval()
 
     def fn(x):
@@ -48,16 +48,20 @@ def torch_row(model, tensors, args, device: str) -> Row:
             return out.cpu().numpy()
     if device != "cpu":
         row.note = f"on {device}, host->device copy and back included"
-    return time_calls(row, batched_call(tensors, args.batch, fn), args.requests, args.warmup)
+    return time_calls(row, batched_call(tensors, budget.batch, fn), budget.requests,
+                      budget.warmup)
 
 
-def ort_row(row_id: str, path: str, tensors, args, providers: list[str]) -> tuple[Row, object]:
+def ort_row(row_id: str, path: str, tensors, budget: Budget,
+            providers: list[str]) -> tuple[Row, object]:
     from sscd_triton import runtime
 
     session = runtime.onnx_session(path, providers=providers)
-    row = Row(row_id, args.batch, 1, note=f"providers {','.join(session.get_providers())}")
+    row = Row(row_id, budget.batch, 1, note=f"providers {','.join(session.get_providers())}")
     run = runtime.onnx_runner(session)
-    return time_calls(row, batched_call(tensors, args.batch, run), args.requests, args.warmup), run
+    timed = time_calls(row, batched_call(tensors, budget.batch, run), budget.requests,
+                       budget.warmup)
+    return timed, run
 
 
 _JPEGS: list[bytes] = []
@@ -74,20 +78,20 @@ def _decode_one(i: int) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def decode_rows(jpegs: list[bytes], args) -> list[Row]:
+def decode_rows(jpegs: list[bytes], budget: Budget) -> list[Row]:
     """Client-side decode + preprocess, per image: 1 process, then one per core."""
     one = Row("client-decode-1p", 1, 1)
     _decode_init(jpegs)
-    time_calls(one, _decode_one, args.images, max(args.warmup, len(jpegs)))
+    time_calls(one, _decode_one, budget.images, max(budget.warmup, len(jpegs)))
     procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     many = Row("client-decode-Np", 1, procs, note=f"{procs} processes (spawn), tensors not returned")
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(procs, initializer=_decode_init, initargs=(jpegs,)) as pool:
-        pool.map(_decode_one, range(max(procs * args.warmup, len(jpegs))), chunksize=1)
+        pool.map(_decode_one, range(max(procs * budget.warmup, len(jpegs))), chunksize=1)
         start = time.perf_counter()
-        many.latencies_ms = pool.map(_decode_one, range(args.images), chunksize=1)
+        many.latencies_ms = pool.map(_decode_one, range(budget.images), chunksize=1)
         many.wall_s = time.perf_counter() - start
-    many.images = args.images
+    many.images = budget.images
     return [one, many]
 
 
@@ -130,25 +134,27 @@ def load_model(checkpoint: str | None, device_arg: str):
     return checkpoints.load(checkpoint).model.eval(), checkpoint, device
 
 
-def model_rows(model, tensors: np.ndarray, args, device: str, onnx_files: dict[str, str]):
+def model_rows(model, tensors: np.ndarray, budget: Budget, device: str,
+               onnx_files: dict[str, str]):
     """torch-eager, then one ort-<precision> row per ONNX file; returns (rows, the fp32 ONNX's
     descriptors of the first batch, or None) for the served rows to compare against."""
-    rows = [torch_row(model, tensors, args, device)]
+    rows = [torch_row(model, tensors, budget, device)]
     model.to("cpu")
     ort_outputs = None
     try:
         import onnxruntime as ort
     except ImportError as e:
-        return rows + [Row(f"ort-{p}", args.batch, 1, skipped=f"onnxruntime not importable: {e}")
+        return rows + [Row(f"ort-{p}", budget.batch, 1,
+                           skipped=f"onnxruntime not importable: {e}")
                        for p in onnx_files], None
     providers = ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     for precision, path in onnx_files.items():
-        row, run = ort_row(f"ort-{precision}", path, tensors, args, providers)
+        row, run = ort_row(f"ort-{precision}", path, tensors, budget, providers)
         rows.append(row)
         if precision == "fp32":
-            ort_outputs = run(tensors[: args.batch])
+            ort_outputs = run(tensors[: budget.batch])
     return rows, ort_outputs
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 
-from sscd_triton.bench.common import ROW_HELP, Row
+from sscd_triton.bench.common import ROW_HELP, Budget, Row
 
 def _f(x: float, digits: int = 1) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def print_table(rows: list[Row], baseline: float | None, args) -> None:
+def print_table(rows: list[Row], baseline: float | None, budget: Budget) -> None:
     head = (f"{'path':<22} {'batch':>5} {'conc':>4} {'reqs':>5} {'images/s':>9} "
             f"{'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'ratio vs torch-eager':>21} {'load':>5}")
     print("\n" + head)
@@ -23,7 +23,7 @@ def print_table(rows: list[Row], baseline: float | None, args) -> None:
               f"{_f(r.pct(99)):>9} {ratio:>21} {r.load1:>5.2f}")
     print("-" * len(head))
     print(f"latency: per request (local rows: per call; batch = images per request), "
-          f"percentiles over 'reqs' samples; {args.warmup} warm-up round(s) before each row;\n"
+          f"percentiles over 'reqs' samples; {budget.warmup} warm-up round(s) before each row;\n"
           f"load = 1-minute load average when the row started (other processes share these cores)")
     for r in rows:
         if r.skipped:
@@ -63,15 +63,15 @@ def print_server(rows: list[Row]) -> None:
           "is gRPC + client overhead.")
 
 
-def print_header(info: dict, setup_note: str, photographs: int, args) -> None:
+def print_header(info: dict, setup_note: str, photographs: int, budget: Budget) -> None:
     from sscd_triton.bench.common import JPEG_QUALITY, PRE
     from sscd_triton.bench.device import print_device
 
     print_device(info)
     print(f"setup: {setup_note}")
     print(f"inputs: {photographs} real photographs (sscd_triton.samples) as JPEG q{JPEG_QUALITY},"
-          f" cycled; {PRE.upstream_name} ({PRE.size}x{PRE.size}); {args.images} images per "
-          f"row, batch {args.batch}, concurrency {args.concurrency}", flush=True)
+          f" cycled; {PRE.upstream_name} ({PRE.size}x{PRE.size}); {budget.images} images per "
+          f"row, batch {budget.batch}, concurrency {budget.concurrency}", flush=True)
 
 
 # int8 against fp32, measured side by side in the same run.
@@ -96,7 +96,7 @@ def baseline_of(rows: list[Row]) -> float | None:
 
 
 def write_json(path: str, rows: list[Row], info: dict, setup_note: str, photographs: int,
-               args, total_s: float) -> None:
+               config: dict, total_s: float) -> None:
     import json
 
     from sscd_triton.bench.common import PRE
@@ -104,7 +104,7 @@ def write_json(path: str, rows: list[Row], info: dict, setup_note: str, photogra
 
     baseline = baseline_of(rows)
     result = {"device": info, "setup": setup_note,
-              "config": {k: v for k, v in vars(args).items() if k != "json"},
+              "config": config,
               "preprocess": PRE.upstream_name, "photographs": photographs,
               "rows": [r.summary(baseline) for r in rows], "int8_ratios": int8_ratios(rows),
               "total_s": round(total_s, 1)}

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from sscd_triton import images, samples, spec
-from sscd_triton.bench.common import PRE, Row, request_items
+from sscd_triton.bench.common import PRE, Budget, Row, request_items
 
 STAT_FIELDS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -189,18 +189,19 @@ def build_cpu_repository(checkpoint: str, out: str, max_batch: int,
 SERVED_ROWS = ("triton-descriptor", "triton-ensemble-1", "triton-ensemble-B")
 
 
-def served_rows(client, tensors: np.ndarray, jpegs: list[bytes], args,
+def served_rows(client, tensors: np.ndarray, jpegs: list[bytes], budget: Budget,
                 ort_outputs: np.ndarray | None, which: tuple[str, ...] = SERVED_ROWS,
                 suffix: str = "") -> list[Row]:
     """triton-descriptor (tensors in), triton-ensemble-1 and -B (encoded bytes in), those of
     them in `which`, named with `suffix` (e.g. "-int8"). A row the server cannot take is
     skipped with the reason, not fatal."""
-    headers = {spec.GRPC_ADMIN_HEADER: args.admin_key} if args.admin_key else None
-    plan = [("triton-descriptor", spec.DESCRIPTOR_MODEL, args.batch, "TYPE_FP32",
+    headers = {spec.GRPC_ADMIN_HEADER: budget.admin_key} if budget.admin_key else None
+    plan = [("triton-descriptor", spec.DESCRIPTOR_MODEL, budget.batch, "TYPE_FP32",
              descriptor_inputs(tensors), [spec.DESCRIPTOR_MODEL]),
             *[(row_id, spec.ENSEMBLE_NAME, batch, "TYPE_UINT8", ensemble_inputs(jpegs),
                [spec.ENSEMBLE_NAME, spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL])
-              for row_id, batch in (("triton-ensemble-1", 1), ("triton-ensemble-B", args.batch))]]
+              for row_id, batch in (("triton-ensemble-1", 1),
+                                    ("triton-ensemble-B", budget.batch))]]
     rows = []
     for row_id, model_name, batch, dtype, make_inputs, stat_models in plan:
         if row_id not in which:
@@ -208,15 +209,15 @@ def served_rows(client, tensors: np.ndarray, jpegs: list[bytes], args,
         row_id += suffix
         why = model_check(client, model_name, batch, dtype, headers)
         if why:
-            rows.append(Row(row_id, batch, args.concurrency, skipped=why))
+            rows.append(Row(row_id, batch, budget.concurrency, skipped=why))
             continue
         try:
-            row = triton_row(Row(row_id, batch, args.concurrency), client, model_name,
-                             make_inputs, math.ceil(args.images / batch), args.warmup,
+            row = triton_row(Row(row_id, batch, budget.concurrency), client, model_name,
+                             make_inputs, math.ceil(budget.images / batch), budget.warmup,
                              stat_models, headers)
         except Exception as e:  # noqa: BLE001
             msg = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
-            rows.append(Row(row_id, batch, args.concurrency,
+            rows.append(Row(row_id, batch, budget.concurrency,
                             skipped=f"failed: {str(msg).strip()[:300]}"))
             continue
         if row_id == "triton-descriptor" and ort_outputs is not None:

@@ -23,12 +23,11 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 
 from sscd_triton import images, spec
-from sscd_triton.bench.common import PRE, Row
+from sscd_triton.bench.common import PRE, Budget, Row
 
 COMPOSING = (spec.PREPROCESS_MODEL, spec.DESCRIPTOR_MODEL)
 # Columns this module appends after perf_analyzer's own.
@@ -227,17 +226,16 @@ def inprocess_rows(model, onnx_path: str, jpegs: list[bytes], tensors: np.ndarra
     for b in batches:
         requests = max(1, math.ceil(images_per_row / b))
         rows.append(pipeline_row(jpegs, run, b, requests, warmup))
-        args = SimpleNamespace(batch=b, requests=requests, warmup=warmup, images=images_per_row)
-        ort, _ = local.ort_row(f"ort-{precision}", onnx_path, tensors, args,
+        budget = Budget(images=images_per_row, batch=b, warmup=warmup)
+        ort, _ = local.ort_row(f"ort-{precision}", onnx_path, tensors, budget,
                                ["CPUExecutionProvider"])
         ort.id = f"ort-{precision}-b{b}"
         rows.append(ort)
     big = max(batches)
-    args = SimpleNamespace(batch=big, requests=max(1, math.ceil(images_per_row / big)),
-                           warmup=warmup, images=images_per_row)
+    budget = Budget(images=images_per_row, batch=big, warmup=warmup)
     if with_torch and model is not None:
-        rows.append(local.torch_row(model, tensors, args, "cpu"))
-    rows += local.decode_rows(jpegs, args)
+        rows.append(local.torch_row(model, tensors, budget, "cpu"))
+    rows += local.decode_rows(jpegs, budget)
     return rows
 
 

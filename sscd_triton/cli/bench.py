@@ -28,7 +28,6 @@ extension over the timed requests only. Exit status: 0, or 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -37,7 +36,7 @@ import time
 
 from sscd_triton import spec
 from sscd_triton.bench import device, local, reporting, served
-from sscd_triton.bench.common import ROW_IDS, Row, load_inputs
+from sscd_triton.bench.common import ROW_IDS, Budget, Row, load_inputs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--warmup must be >= 0")
     if not args.precision:
         p.error(f"--precision takes {', '.join(spec.PRECISIONS)}")
-    args.requests = math.ceil(args.images / args.batch)  # batched rows
     return args
 
 
@@ -105,11 +103,12 @@ def start_local_server(repo: str, args):
     return server, note
 
 
-def int8_served_rows(server, repos: dict | None, tensors, jpegs, args) -> list:
+def int8_served_rows(server, repos: dict | None, tensors, jpegs, budget: Budget,
+                     args) -> list:
     """triton-ensemble-B-int8: the fp32 server (when local) stops first, so that the two
     never share the cores; then the int8 repository's server, the same row."""
     if repos is None:
-        return [Row("triton-ensemble-B-int8", args.batch, args.concurrency,
+        return [Row("triton-ensemble-B-int8", budget.batch, budget.concurrency,
                     skipped="--url: the server serves one precision, whatever it was built with")]
     import tritonclient.grpc as grpcclient
 
@@ -118,7 +117,7 @@ def int8_served_rows(server, repos: dict | None, tensors, jpegs, args) -> list:
     client = None
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        return served.served_rows(client, tensors, jpegs, args, None,
+        return served.served_rows(client, tensors, jpegs, budget, None,
                                   which=("triton-ensemble-B",), suffix="-int8")
     finally:
         if client is not None:
@@ -128,6 +127,8 @@ def int8_served_rows(server, repos: dict | None, tensors, jpegs, args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    budget = Budget(images=args.images, batch=args.batch, warmup=args.warmup,
+                    concurrency=args.concurrency, admin_key=args.admin_key)
     t_start = time.perf_counter()
     jpegs, tensors = load_inputs()
     try:  # the local rows and the local server use the same weights
@@ -165,23 +166,23 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         info = device.describe_device(meta, args.url)
-        reporting.print_header(info, setup_note, len(jpegs), args)
+        reporting.print_header(info, setup_note, len(jpegs), budget)
 
         ort_outputs = None
         if model is not None:
             files = local.onnx_files(model, args.precision, work, served_onnx)
-            model_rows, ort_outputs = local.model_rows(model, tensors, args, where, files)
+            model_rows, ort_outputs = local.model_rows(model, tensors, budget, where, files)
             rows += model_rows
         else:
             rows += [Row(i, args.batch, 1, skipped=missing)
                      for i in ["torch-eager", *(f"ort-{p}" for p in args.precision)]]
-        rows += local.decode_rows(jpegs, args)  # before the server rows load the CPU
+        rows += local.decode_rows(jpegs, budget)  # before the server rows load the CPU
         sys.stdout.flush()
-        rows += served.served_rows(client, tensors, jpegs, args, ort_outputs)
+        rows += served.served_rows(client, tensors, jpegs, budget, ort_outputs)
         client.close()
         if "int8" in args.precision:
             rows += int8_served_rows(server, repos if args.url is None else None, tensors, jpegs,
-                                     args)
+                                     budget, args)
             server = None  # stopped there
     finally:
         if server is not None:
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     ordered = sorted(rows, key=lambda r: ROW_IDS.index(r.id))
-    reporting.print_table(ordered, reporting.baseline_of(ordered), args)
+    reporting.print_table(ordered, reporting.baseline_of(ordered), budget)
     reporting.print_server(ordered)
     reporting.print_int8(ordered)
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -197,7 +198,9 @@ def main(argv=None) -> int:
     print(f"\nload average at end {info['load_average_at_end']}; total {total:.0f} s. "
           f"Quote these numbers with the device above.")
     if args.json:
-        reporting.write_json(args.json, ordered, info, setup_note, len(jpegs), args, total)
+        config = {**{k: v for k, v in vars(args).items() if k != "json"},
+                  "requests": budget.requests}
+        reporting.write_json(args.json, ordered, info, setup_note, len(jpegs), config, total)
         print(f"wrote {args.json}")
     return 0
 

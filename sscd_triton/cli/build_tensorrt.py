@@ -93,7 +93,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     check_paths(args.onnx, args.output, args.timing_cache)
     if not args.workspace_gib > 0:
         raise InputError(f"--workspace-gib {args.workspace_gib}: must be > 0")
-    shapes = trt_profile.profile_shapes(args)
+    shapes = profile_of(args)
     trt_profile.check_profile(shapes, model, args.onnx)
     try:
         loaded = checkpoints.load(args.checkpoint) if args.checkpoint else None
@@ -131,6 +131,13 @@ def parity(trt, engine, prep: Prepared) -> list[Check]:
         if c.ok is None and note:  # small_288 skipped because of the profile, not a fixed size
             c.detail = note
     return checks
+
+
+def profile_of(args) -> trt_profile.Profile:
+    """The optimisation profile the shape flags ask for."""
+    return trt_profile.profile_shapes(
+        min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+        size=args.size, min_size=args.min_size, opt_size=args.opt_size, max_size=args.max_size)
 
 
 def main(argv=None) -> int:

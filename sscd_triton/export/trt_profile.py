@@ -29,22 +29,24 @@ def _hw(flag: str, value) -> tuple[int, int]:
     return h, w
 
 
-def profile_shapes(args) -> Profile:
-    """{INPUT_NAME: (min, opt, max)} shapes from the CLI flags (an argparse Namespace).
+def profile_shapes(*, min_batch: int, opt_batch: int, max_batch: int,
+                   size: str | int | None = None, min_size: str | None = None,
+                   opt_size: str | None = None, max_size: str | None = None) -> Profile:
+    """{INPUT_NAME: (min, opt, max)} shapes from build_tensorrt's flags of the same names.
 
     Explicit batch: N ranges over --min/--opt/--max-batch. `--size S` fixes H = W = S;
     `--min-size/--opt-size/--max-size` (each S or HxW) make H and W dynamic. Neither:
     H = W = 320, the default square320 serving mode.
     """
-    batches = (args.min_batch, args.opt_batch, args.max_batch)
+    batches = (min_batch, opt_batch, max_batch)
     if batches[0] < 1:
         raise InputError(f"--min-batch {batches[0]}: must be >= 1")
     if not batches[0] <= batches[1] <= batches[2]:
         raise InputError(f"--min-batch {batches[0]}, --opt-batch {batches[1]}, --max-batch "
                          f"{batches[2]}: need --min-batch <= --opt-batch <= --max-batch")
-    flags = {"--min-size": args.min_size, "--opt-size": args.opt_size, "--max-size": args.max_size}
+    flags = {"--min-size": min_size, "--opt-size": opt_size, "--max-size": max_size}
     given = [f for f, v in flags.items() if v is not None]
-    if args.size is not None and given:
+    if size is not None and given:
         raise InputError(f"--size fixes H = W; drop {', '.join(given)} "
                          "(or drop --size for dynamic H, W)")
     if given and len(given) < 3:
@@ -59,7 +61,7 @@ def profile_shapes(args) -> Profile:
                 raise InputError(f"{name}: --min-size {lo}, --opt-size {opt}, --max-size {hi}: "
                                  "need --min-size <= --opt-size <= --max-size in H and W")
     else:
-        size = args.size if args.size is not None else spec.PREPROCESS[spec.DEFAULT_PREPROCESS].size
+        size = size if size is not None else spec.PREPROCESS[spec.DEFAULT_PREPROCESS].size
         h, w = _hw("--size", size)
         if h != w:
             raise InputError(f"--size {size}: give one number (H = W); use --min-size/"
