@@ -116,7 +116,7 @@ def _code_segments() -> list[tuple[str, str]]:
     for page in PAGES:
         text = page.read_text()
         lines = [body for lang, body in _fences(text) if lang in ("", "bash", "sh", "console")]
-        lines += re.findall(r"`([^`\n]+)`", _prose(text))
+        lines += [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", _prose(text))]
         for line in _commands("\n".join(lines)):
             line = re.sub(r"(^|\s)#.*", "", line)
             out += [(page.name, part.strip()) for part in re.split(r"\||;|&&|\$\(", line)
@@ -135,7 +135,9 @@ def _script_commands() -> dict[str, list[str]]:
     for script in [*ROOT.glob("client/*.py"), *ROOT.glob("export/*.py"),
                    *ROOT.glob("benchmarks/*.py")]:
         rel = str(script.relative_to(ROOT))
-        runs[rel] = [sys.executable, str(script)]
+        thin = re.search(r"^from (sscd_triton\.cli\.\w+) import main$", script.read_text(), re.M)
+        runs[rel] = ([sys.executable, "-c", f"import sys; from {thin[1]} import main; "
+                      "sys.exit(main(sys.argv[1:]))"] if thin else [sys.executable, str(script)])
     return runs
 
 
@@ -145,7 +147,7 @@ def _invocations() -> list[tuple[str, str, list[str]]]:
     found = []
     for page, segment in _code_segments():
         m = (re.match(r"(?:\.venv/bin/)?(sscd-[a-z0-9-]+)\b", segment)
-             or re.match(r"(?:\.venv/bin/)?python3? ((?:client|export|benchmarks)/\w+\.py)",
+             or re.match(r"(?:\.venv/bin/)?(?:python3? )?((?:client|export|benchmarks)/\w+\.py)",
                          segment))
         if not m or m[1] in NOT_COMMANDS:
             continue
@@ -155,10 +157,14 @@ def _invocations() -> list[tuple[str, str, list[str]]]:
     return found
 
 
-@cache
 def _help(command: str) -> str:
+    return _help_of(tuple(_script_commands()[command]))
+
+
+@cache
+def _help_of(run: tuple[str, ...]) -> str:
     """The command's --help, with its subcommands' (`{fit,apply}`) appended."""
-    run = _script_commands()[command]
+    command = run[-1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
     def one(*args):
@@ -178,7 +184,7 @@ def test_every_command_and_flag_in_the_docs_exists():
     found = _invocations()
     assert {"sscd-embed", "sscd-dedup", "client/match.py", "export/build_repository.py"} <= {
         command for _, command, _ in found}, "the command scan finds nothing"
-    commands = sorted({command for _, command, _ in found})
+    commands = sorted({command for _, command, flags in found if flags})
     with ThreadPoolExecutor(8) as pool:
         helps = dict(zip(commands, pool.map(_help, commands)))
     missing = []
