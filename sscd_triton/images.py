@@ -220,7 +220,7 @@ def check_complete(data: bytes, formats: tuple[str, ...] = FORMATS) -> None:
     sniffed. What it cannot catch: a file whose entropy-coded data was damaged but whose
     structure is whole (a JPEG scan cut short and EOI appended on purpose): the decoder's.
     Cost: a few microseconds per image (structure up to the first scan, then the tail);
-    measured in benchmarks/check_cost.py (README, "Bad input").
+    measured in benchmarks/check_cost.py (docs/bad-input.md).
     """
     end = _content_end(data)
     if end == 0:

@@ -131,7 +131,7 @@ PARAM_PRECISION = "sscd_precision"  # of the served descriptor ONNX: one of PREC
 # The PARAM_MODEL_NAME of a repository built without a checkpoint; every report says so.
 DEMO_MODEL_NAME = "demo-untrained"
 DEMO_NOTE = (f"{DEMO_MODEL_NAME} weights: the descriptors mean nothing for copy detection "
-             "(build the repository with --checkpoint, see the README's Models)")
+             "(build the repository with --checkpoint, see docs/models.md)")
 
 # docker/entrypoint.sh puts the admin protocols (statistics, model-config, shared memory...)
 # behind this header; over gRPC Triton expects it with the prefix (its error message says so).

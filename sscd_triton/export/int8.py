@@ -8,7 +8,7 @@ since TensorRT 10 deprecated and 11 removed implicit calibration). Per target, b
 the backends differ:
   cpu  uint8 activations (asymmetric), int8 per-channel weights: ONNX Runtime's x86 int8
        kernels (VNNI/AMX) are u8 x s8; signed activations ran ~3x slower here (measured,
-       README "int8").
+       docs/export.md, "int8").
   gpu  int8 activations with zero point 0 (`ActivationSymmetric`), int8 per-channel
        weights: TensorRT's Q/DQ layers take symmetric int8 only (TensorRT developer
        guide, "Explicit Quantization": "only symmetric quantization ... zero-point must be
@@ -35,7 +35,7 @@ from sscd_triton.report import Check
 
 TARGET_ACTIVATIONS = {"cpu": "uint8", "gpu": "int8 symmetric"}
 METHODS = ("minmax", "percentile", "entropy")
-# The three measured alike on the test weights (README "int8"); minmax is the cheapest and
+# The three measured alike on the test weights (docs/export.md, "int8"); minmax is the cheapest and
 # the only one that streams (below).
 DEFAULT_METHOD = "minmax"
 PERCENTILE = 99.999

@@ -469,7 +469,7 @@ def _docker_context_path(path: str, cwd: str) -> str:
 
 
 def next_steps(built: Built, checkpoint: str | None = None, cwd: str | None = None) -> list[str]:
-    """Commands that serve what was built, as a user can paste them (README: "Model
+    """Commands that serve what was built, as a user can paste them (docs/export.md: "Model
     repository", "Production")."""
     cwd = os.path.abspath(cwd or os.getcwd())
     out = shlex.quote(built.output)

@@ -21,7 +21,7 @@ Why a python-backend step and not a DALI operator (dali_backend 01783f8f, read 2
   src/ensemble_scheduler/ensemble_scheduler.cc);
 - a second input to DALI carrying each row's true length (the issue's other option) would
   still fail inside DALI, with the same two problems.
-Its cost, measured (benchmarks/check_cost.py, README "Bad input"): the check itself a few
+Its cost, measured (benchmarks/check_cost.py, docs/bad-input.md): the check itself a few
 microseconds per image; the step one python-backend round trip per request (input and
 output copied through shared memory).
 
