@@ -285,10 +285,8 @@ def _start_ray(address: str, quiet: bool, actors: int):
         # the actors mostly wait on files and servers: --ray-actors may exceed the cores
         ray.init(num_cpus=max(actors, os.cpu_count() or 1), **kwargs)
     else:  # the cluster runs this driver's sscd_triton (its image brings the dependencies)
-        import sscd_triton
-
-        ray.init(address=address, runtime_env={"py_modules": [
-            os.path.dirname(os.path.abspath(sscd_triton.__file__))]}, **kwargs)
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        ray.init(address=address, runtime_env={"py_modules": [package]}, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
