@@ -12,7 +12,11 @@ ckpt=()
 # What a user runs next, on their own folder (the server bound to 127.0.0.1 only).
 cat <<'NEXT'
 
-Next, your own photographs (stop the server with Ctrl-C or kill %1):
+Next, the copies among your own photographs, in one command (it starts and stops its own
+local server; add --checkpoint CKPT for real descriptors):
+  .venv/bin/sscd-dedup ~/photos --output runs/my-photos-dedup    # then open report.html
+
+Or step by step, with a server of your own (stop it with Ctrl-C or kill %1):
   .venv/bin/tritonserver --model-repository runs/model_repository \
       --grpc-address 127.0.0.1 --http-address 127.0.0.1 --metrics-address 127.0.0.1 &
   .venv/bin/sscd-embed ~/photos --output runs/my-photos

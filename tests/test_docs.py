@@ -95,14 +95,17 @@ def test_local_tritonserver_commands_bind_loopback():
 
 
 def test_demo_ends_with_the_next_command_for_your_own_folder(tmp_path):
-    """demo.sh's last output: the server and sscd-embed on a folder of one's own."""
+    """demo.sh's last output: the one-command sscd-dedup on a folder of one's own, then the
+    server and sscd-embed step by step."""
     script = (ROOT / "scripts" / "demo.sh").read_text()
     tail = script[script.index("export/serve_check.py"):]  # after the demo itself
     printed = subprocess.run(["bash", "-c", tail.split("\n", 1)[1]], capture_output=True,
                              text=True, timeout=30, cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.strip().splitlines()
-    assert lines[0].startswith("Next, your own photographs")
+    assert lines[0].startswith("Next, the copies among your own photographs")
+    assert any(line.strip().startswith(".venv/bin/sscd-dedup ~/photos --output ")
+               for line in lines), lines
     assert any(line.strip().startswith(".venv/bin/sscd-embed ~/photos --output ")
                for line in lines), lines
 
