@@ -51,9 +51,8 @@ import numpy as np
 from sscd_triton.cli.match import (COPY_THRESHOLD, EXIT_OK,
                                    add_search_arguments, demo_notes, index_line, logger,
                                    parser_for, run_search, search_problems)
-from sscd_triton.copydetect import search
-from sscd_triton.copydetect.dedup import (KEEP, connected_groups, groups_table, largest_keys,
-                                          near_duplicate_pairs, pair_counts)
+from sscd_triton.copydetect import api, search
+from sscd_triton.copydetect.dedup import KEEP
 from sscd_triton.copydetect.tables import FORMATS, score_text, text_writer, write_table
 from sscd_triton.files import OutputError, check_writable
 from sscd_triton.cli._main import plural, run_main
@@ -100,55 +99,75 @@ def problems_of(args) -> list[str]:
 
 
 
+def write_outputs(dups, pairs: str | None, groups: str | None, to_stdout: bool) -> None:
+    """The pairs and groups tables of `dups` as CSV/Parquet files (or the pairs on stdout)."""
+    p = dups.pairs.to_pydict()
+    ids_a, ids_b = np.array(p["id_a"], dtype=object), np.array(p["id_b"], dtype=object)
+    scores = dups.pairs.column("score").to_numpy()
+    if to_stdout:
+        text_writer(lambda w: (w.writerow(["id_a", "id_b", "score"]),
+                               w.writerows(zip(ids_a, ids_b, score_text(scores)))))(
+            sys.stdout.buffer)
+        sys.stdout.flush()
+    if pairs:
+        write_table(pairs, {"id_a": ids_a, "id_b": ids_b, "score": scores})
+    if groups:
+        g = dups.groups.to_pydict()
+        write_table(groups, {"group_id": np.array(g["group_id"], np.int64),
+                             "id": np.array(g["id"], dtype=object),
+                             "representative": np.array(g["representative"], dtype=object),
+                             "group_size": np.array(g["group_size"], np.int64)})
+
+
+def summary(args, dups, seconds: float) -> list[str]:
+    """The lines every run ends with (both modes)."""
+    g = dups.groups
+    in_groups = len(g)
+    n_groups = dups.n_groups
+    largest = max(g.column("group_size").to_pylist()) if in_groups else 0
+    lines = [f"{dups.items} items ({dups.stats['dims']}-d), k={args.k}, {index_line(dups.stats)}"
+             + (f", score normalisation {args.score_norm} against {args.background}"
+                if args.background else ""),
+             f"{plural(len(dups.pairs), 'near-duplicate pair')} scoring >= {dups.threshold}; "
+             f"{plural(n_groups, 'group')} holding {plural(in_groups, 'item')} (largest "
+             f"{largest}); keeping one per group removes {plural(in_groups - n_groups, 'item')} "
+             f"({seconds:.1f} s)"]
+    if n_groups:
+        cannot = (f"; {dups.unread} of {in_groups} members' files could not be read (counted "
+                  "as 0)" if dups.unread else "")
+        lines.append(f"representatives (--keep {args.keep}): {KEEP[args.keep]}, ties to the "
+                     f"first in collection order{cannot}")
+    return lines
+
+
+def find(args, collection, log):
+    """`api.dedup` with the command line's options."""
+    background = None
+    if args.background:
+        _, background = search.Embeddings.open(args.background,
+                                               f"--background {args.background}").load()
+    threshold = COPY_THRESHOLD if args.threshold is None else args.threshold
+    return api.dedup(collection, threshold, args.k, args.keep, background=background,
+                     score_norm=args.score_norm, index=args.index,
+                     query_block=args.query_block, reference_block=args.reference_block,
+                     nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search,
+                     recall_sample=args.recall_sample, log=log)
+
+
 def run(args) -> int:
     log = logger(args, "dedup")
-    threshold = COPY_THRESHOLD if args.threshold is None else args.threshold
     for flag, path in (("--pairs", args.pairs), ("--groups", args.groups)):
         if path:
             check_writable(path, flag, "groups.parquet" if flag == "--groups" else "pairs.csv")
     collection = search.Embeddings.open(args.embeddings, f"--embeddings {args.embeddings}")
     t0 = time.perf_counter()
-    result = run_search(args, collection, collection, exclude_self=True, log=log)
-    a, b, s = near_duplicate_pairs(result, threshold)
-    ids = result.reference_ids
-    n = len(ids)
-    labels = connected_groups(n, a, b)
-    prefer, unread = None, 0
-    if args.keep == "largest":
-        keys, unread = largest_keys(ids, np.nonzero(labels >= 0)[0])
-        prefer = keys + [pair_counts(n, a, b)]
-    elif args.keep == "first":
-        prefer = []
-    g = groups_table(labels, a, b, prefer)
+    dups = find(args, collection, log)
     # with no output named, the pairs are the output: CSV on stdout, the summary aside
     to_stdout = not args.pairs and not args.groups
     say = (lambda m: print(m, file=sys.stderr)) if to_stdout else print
-    if to_stdout:
-        text_writer(lambda w: (w.writerow(["id_a", "id_b", "score"]),
-                               w.writerows(zip(ids[a], ids[b], score_text(s)))))(
-            sys.stdout.buffer)
-        sys.stdout.flush()
-    if args.pairs:
-        write_table(args.pairs, {"id_a": ids[a], "id_b": ids[b], "score": s})
-    if args.groups:
-        write_table(args.groups, {"group_id": g["group_id"], "id": ids[g["member"]],
-                                  "representative": ids[g["representative"]],
-                                  "group_size": g["size"]})
-    n_groups = int(g["group_id"].max()) + 1 if len(g["group_id"]) else 0
-    in_groups = len(g["member"])
-    largest = int(g["size"].max()) if in_groups else 0
-    say(f"{n} items ({result.stats['dims']}-d), k={args.k}, {index_line(result.stats)}"
-        + (f", score normalisation {args.score_norm} against {args.background}"
-           if args.background else ""))
-    say(f"{plural(len(a), 'near-duplicate pair')} scoring >= {threshold}; "
-        f"{plural(n_groups, 'group')} holding {plural(in_groups, 'item')} (largest {largest}); "
-        f"keeping one per group removes {plural(in_groups - n_groups, 'item')} "
-        f"({time.perf_counter() - t0:.1f} s)")
-    if n_groups:
-        cannot = (f"; {unread} of {in_groups} members' files could not be read (counted as 0)"
-                  if unread else "")
-        say(f"representatives (--keep {args.keep}): {KEEP[args.keep]}, ties to the first in "
-            f"collection order{cannot}")
+    write_outputs(dups, args.pairs, args.groups, to_stdout)
+    for line in summary(args, dups, time.perf_counter() - t0):
+        say(line)
     for flag, path in (("pairs", args.pairs), ("groups", args.groups)):
         if path:
             say(f"{flag}: {path}")
