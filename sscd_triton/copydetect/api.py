@@ -174,6 +174,19 @@ class Duplicates:
     def n_groups(self) -> int:
         return len(set(self.groups.column("group_id").to_pylist())) if len(self.groups) else 0
 
+    @classmethod
+    def empty(cls, threshold: float, k: int, keep: str, dims: int | None = None,
+              index: str = "exact") -> "Duplicates":
+        """What an empty collection has: no pairs, no groups."""
+        import pyarrow as pa
+
+        pairs = _table({"id_a": ([], pa.string()), "id_b": ([], pa.string()),
+                        "score": ([], pa.float32())})
+        groups = _table({"group_id": ([], pa.int64()), "id": ([], pa.string()),
+                         "representative": ([], pa.string()), "group_size": ([], pa.int64())})
+        return cls(pairs, groups, float(threshold), k, keep, 0, 0,
+                   {"dims": dims or 0, "index": index})
+
     def removable(self) -> list[str]:
         """Ids in a group that are not its representative (what keeping one per group
         removes), in the groups' order."""
