@@ -41,6 +41,10 @@ figcaption{font-size:.8em;word-break:break-all}
 """
 
 
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def esc(value) -> str:
     """Text as HTML (attributes included)."""
     return html.escape(str(value), quote=True)
@@ -150,14 +154,14 @@ def render(duplicates, manifest: dict | None = None, failures=(), *, title: str 
                        "</figcaption></figure>")
         out.append("</div>")
         if len(members) > max_members:
-            out.append(f'<p class="more">and {len(members) - max_members} more images in '
+            out.append(f'<p class="more">and {_n(len(members) - max_members, "more image")} in '
                        "this group (all in groups.parquet)</p>")
         out.append("</div>")
     if n_groups > max_groups:
-        out.append(f'<p class="more">and {n_groups - max_groups} more groups (all in '
+        out.append(f'<p class="more">and {_n(n_groups - max_groups, "more group")} (all in '
                    "groups.parquet)</p>")
     if failures:
-        out.append(f"<h2>{len(failures)} inputs failed to embed</h2><ul>")
+        out.append(f"<h2>{_n(len(failures), 'input')} failed to embed</h2><ul>")
         out += [f"<li>{esc(reason)}: {n}</li>" for reason, n in
                 Counter(str(f.get("reason")) for f in failures).most_common()]
         out.append("</ul><ul>")
@@ -165,7 +169,7 @@ def render(duplicates, manifest: dict | None = None, failures=(), *, title: str 
                 for f in failures[:MAX_FAILURES]]
         out.append("</ul>")
         if len(failures) > MAX_FAILURES:
-            out.append(f'<p class="more">and {len(failures) - MAX_FAILURES} more failures</p>')
+            out.append(f'<p class="more">and {_n(len(failures) - MAX_FAILURES, "more failure")}</p>')
     out.append("</body></html>\n")
     return "\n".join(out)
 
