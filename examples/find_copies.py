@@ -17,7 +17,7 @@ def main() -> None:
     args = p.parse_args()
 
     dups = sscd_triton.dedup(args.embeddings, threshold=args.threshold, keep="first")
-    print(f"{dups.items} images, {dups.pairs.num_rows} pairs, {dups.n_groups} groups "
+    print(f"{dups.items} images, {dups.pairs.num_rows} pairs, {dups.n_groups} group(s) "
           f"at cosine >= {args.threshold}")
     # each group's members, the representative (kept) first
     for row in dups.groups.to_pylist():
@@ -27,11 +27,14 @@ def main() -> None:
         if row["id"] != row["representative"]:
             print(f"  group {row['group_id']}: copy {row['id']}")
 
-    # the collection as its own queries: rank 1 is the image itself (or an exact copy)
+    # the collection as its own queries: each image's best match other than itself
     copies = sscd_triton.find_copies(args.embeddings, args.embeddings, k=2)
-    for row in copies.filter(pc.equal(copies["rank"], 2)).to_pylist():
-        print(f"best match of {row['query_id']}: {row['reference_id']} ({row['score']:.3f})")
-
+    others = copies.filter(pc.not_equal(copies["query_id"], copies["reference_id"]))
+    seen = set()
+    for row in others.to_pylist():  # each query's rows best first: keep its first
+        if row["query_id"] not in seen:
+            seen.add(row["query_id"])
+            print(f"best match of {row['query_id']}: {row['reference_id']} ({row['score']:.3f})")
 
 if __name__ == "__main__":
     main()
