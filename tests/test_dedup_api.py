@@ -282,10 +282,17 @@ def served_output(triton, tmp_path_factory):
     return out, folder, first, r
 
 
-def test_dedup_images_with_url(served_output):
+def test_dedup_images_with_url(served_output, triton):
     out, folder, first, r = served_output
     check_output(out, folder, first, r)
     assert "tritonserver" not in r.stdout  # none started
+    groups = pq.read_table(out / "groups.parquet")
+    # a rerun resumes the descriptors (nothing embedded again) and rewrites the outputs
+    again = run_dedup(folder, "--output", out, "--url", triton.server.grpc_url, "--quiet",
+                      cwd=out.parent)
+    check_output(out, folder, first, again)
+    assert "embedded 0, failed 0" in again.stdout
+    assert pq.read_table(out / "groups.parquet").equals(groups)
 
 
 def test_example_find_copies(served_output):

@@ -71,14 +71,14 @@ import numpy as np
 from sscd_triton import spec
 from sscd_triton.cli.match import (COPY_THRESHOLD, EXIT_OK,
                                    add_search_arguments, demo_notes, index_line, logger,
-                                   parser_for, run_search, search_problems)
+                                   parser_for, search_problems)
 from sscd_triton.copydetect import api, search
 from sscd_triton.copydetect.dedup import KEEP
 from sscd_triton.copydetect.tables import FORMATS, score_text, text_writer, write_table
 from sscd_triton.files import OutputError, check_writable
 from sscd_triton.cli._main import plural, run_main
 
-DEFAULT_K = 20
+DEFAULT_K = api.DEDUP_K
 EXIT_FAILURES, EXIT_UNFINISHED = 1, 3
 PAIRS, GROUPS, REPORT = "pairs.csv", "groups.parquet", "report.html"
 REPOSITORIES = os.path.join("runs", "repositories")  # built local repositories, by checkpoint
@@ -269,7 +269,8 @@ def run_images(args) -> int:
     write_outputs(dups, paths[PAIRS], paths[GROUPS], False)
     failures = io.load_failures(out)
     report.write_report(paths[REPORT], dups, io.read_manifest(out), failures,
-                        title="Near-duplicates in " + ", ".join(args.inputs))
+                        title="Near-duplicates in " + ", ".join(args.inputs[:3])
+                        + (f" and {len(args.inputs) - 3} more" if len(args.inputs) > 3 else ""))
     for line in summary(args, dups, time.perf_counter() - t0):
         print(line)
     print(f"descriptors: {out}; pairs: {paths[PAIRS]}; groups: {paths[GROUPS]}")
