@@ -4,13 +4,19 @@
 client (a Parquet folder, an `.npz`, a version-1 folder of numpy shards):
 `ids, embeddings = load_embeddings(path)`. It needs numpy (and pyarrow for folders),
 never torch; `load_failures(path)` gives the failure records ({"id", "reason"}).
+`find_copies(queries, references, k=10, threshold=None)` and
+`dedup(embeddings, threshold=0.75, k=20, keep="largest")` find copies and near-duplicate
+groups on descriptors (any of those outputs, `(ids, array)` or an array), returning
+pyarrow tables (`sscd_triton.copydetect.api`; `Duplicates` is what dedup returns).
 `check_complete(data)` raises ValueError naming the reason unless `data` is one whole
 encoded image (zero padding allowed): the check every serving path runs before decoding
 (`sscd_triton.images.check_complete`).
 """
 from __future__ import annotations
 
-__all__ = ["load_embeddings", "load_failures", "check_complete"]
+__all__ = ["load_embeddings", "load_failures", "check_complete", "find_copies", "dedup",
+           "Duplicates"]
+_COPYDETECT = ("find_copies", "dedup", "Duplicates")
 
 
 def __getattr__(name: str):
@@ -19,6 +25,10 @@ def __getattr__(name: str):
         from sscd_triton import images
 
         return images.check_complete
+    if name in _COPYDETECT:
+        from sscd_triton.copydetect import api
+
+        return getattr(api, name)
     if name in __all__:
         from sscd_triton.client import io
 

@@ -46,6 +46,8 @@ import numpy as np
 
 from sscd_triton.cli._help import DefaultsHelpFormatter
 from sscd_triton.copydetect import search
+# 0.75: upstream, cosine > 0.75 = copy at ~90% precision (sscd_disc_mixup, DISC)
+from sscd_triton.copydetect.api import COPY_THRESHOLD
 from sscd_triton.copydetect.postprocess import ScoreNorm
 from sscd_triton.copydetect.tables import score_text, text_writer
 from sscd_triton.files import OutputError, check_writable, write_atomic
@@ -54,7 +56,6 @@ from sscd_triton.cli._main import command, plural, run_main
 from sscd_triton.client.io import recorded_model
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
-COPY_THRESHOLD = 0.75  # upstream: cosine > 0.75 = copy at ~90% precision (sscd_disc_mixup, DISC)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
