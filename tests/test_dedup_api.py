@@ -236,8 +236,7 @@ def test_dedup_images_with_a_local_server(tmp_path):
 
 
 def test_local_repository_is_built_once(tmp_path, monkeypatch):
-    from sscd_triton.cli import dedup as cli
-    from sscd_triton.serving import build
+    from sscd_triton.serving import build, local
 
     calls = []
 
@@ -253,12 +252,12 @@ def test_local_repository_is_built_once(tmp_path, monkeypatch):
     (tmp_path / "m.pt").write_bytes(b"weights")
     (tmp_path / "bad.pt").write_bytes(b"other")
     said = []
-    first = cli.local_repository("m.pt", said.append)
-    assert cli.local_repository("m.pt", said.append) == first and len(calls) == 1
+    first = local.cached_repository("m.pt", said.append)
+    assert local.cached_repository("m.pt", said.append) == first and len(calls) == 1
     assert first.startswith(str(tmp_path / "runs" / "repositories"))
     assert "built before" in said[-1]
     with pytest.raises(build.BuildError):
-        cli.local_repository("bad.pt", said.append)
+        local.cached_repository("bad.pt", said.append)
     assert os.listdir(tmp_path / "runs" / "repositories") == [os.path.basename(first)]
 
 

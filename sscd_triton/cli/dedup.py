@@ -16,8 +16,8 @@ marked, the model and threshold named (open it in any browser; no network needed
 server: --url HOST:PORT of a running one, or else a local tritonserver started for the
 job and stopped after, serving a cpu model repository built from --checkpoint (the
 untrained demo weights without it: the groups then mean nothing) and kept under
-runs/repositories/ (relative to the working folder), keyed by the checkpoint's sha256, so
-a rerun does not rebuild it.
+runs/repositories/ (relative to the working folder), keyed by the checkpoint's sha256 and
+the version of the code that builds it, so a rerun does not rebuild it.
 
 --embeddings: any output of embed.py (a Parquet folder or an .npz). The collection is
 searched against itself with the engine of match.py (exact and streamed by default;
@@ -61,27 +61,26 @@ rerun the same command to resume; 130 interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 
-from sscd_triton import spec
 from sscd_triton.cli.match import (COPY_THRESHOLD, EXIT_OK,
                                    add_search_arguments, demo_notes, index_line, logger,
                                    parser_for, search_problems)
 from sscd_triton.copydetect import api, search
 from sscd_triton.copydetect.dedup import KEEP
 from sscd_triton.copydetect.tables import FORMATS, score_text, text_writer, write_table
+from sscd_triton.client.exceptions import UsageError
 from sscd_triton.files import OutputError, check_writable
 from sscd_triton.cli._main import plural, run_main
 
 DEFAULT_K = api.DEDUP_K
 EXIT_FAILURES, EXIT_UNFINISHED = 1, 3
 PAIRS, GROUPS, REPORT = "pairs.csv", "groups.parquet", "report.html"
-REPOSITORIES = os.path.join("runs", "repositories")  # built local repositories, by checkpoint
 SERVER_LOG = "tritonserver.log"
 
 
@@ -175,71 +174,44 @@ def image_problems(args) -> list[str]:
 
 def _embed(inputs: list[str], output: str, url: str, quiet: bool) -> int:
     """Embed `inputs` into the folder `output` through the server at `url` (resuming what
-    is there): sscd-embed's exit status (0, 1 some failed, 2, 3, 130), its messages printed.
-    The one place to switch to the library's embedding job (sscd_triton.client.job)."""
+    is there), as sscd-embed does: its messages, its exit status (0, 1 some failed, 3, 130;
+    a usage error raises UsageError)."""
     from sscd_triton.cli import embed
+    from sscd_triton.client import job
+    from sscd_triton.client.exceptions import Unfinished
 
-    return embed.main(["--url", url, "--output", output, *(["--quiet"] if quiet else []),
-                       "--", *inputs])
-
-
-def local_repository(checkpoint: str | None, say=print) -> str:
-    """A cpu model repository serving `checkpoint` (None: the demo weights), built once
-    under REPOSITORIES keyed by the checkpoint's sha256 and the preprocessing (built into
-    a temporary folder and renamed: a folder there is complete). BuildError on a bad
-    checkpoint or a failed parity check."""
-    from sscd_triton.serving.build import BuildError, build_repository, sha256_file
-
-    source = checkpoint
-    if source is None:
-        from sscd_triton.export import demo
-
-        source = demo.write_demo_checkpoint()
-    key = sha256_file(source)[:16]
-    repo = os.path.abspath(os.path.join(REPOSITORIES, f"cpu-{spec.DEFAULT_PREPROCESS}-{key}"))
-    if os.path.isdir(repo):
-        say(f"serving {repo} (built before from {source})")
-        return repo
-    os.makedirs(os.path.dirname(repo), exist_ok=True)
-    tmp = f"{repo}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    say(f"building a cpu model repository from {source} into {repo} (once: reruns reuse it)")
     try:
-        built = build_repository(tmp, target="cpu", checkpoint=checkpoint)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not built.passed:  # kept for its report
-        raise BuildError(f"the repository built from {source} failed its parity checks "
-                         f"(report: {tmp}/report.json)")
-    os.replace(tmp, repo)
-    return repo
+        summary = job.run(inputs, output, job.Settings(urls=[url], quiet=quiet))
+    except Unfinished as e:
+        return embed.unfinished(e)
+    embed.report(summary)
+    return EXIT_FAILURES if summary.failed else EXIT_OK
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def embed_images(args) -> int:
     """Embed the INPUTs into --output through --url, or a local server started here."""
     if args.url:
         return _embed(args.inputs, args.output, args.url, args.quiet)
+    from sscd_triton.serving import local
     from sscd_triton.serving.build import BuildError
-    from sscd_triton.serving.server import TritonServer, TritonServerError
+    from sscd_triton.serving.server import TritonServerError
 
-    try:
-        repo = local_repository(args.checkpoint)
-    except BuildError as e:
-        raise OutputError(f"--checkpoint: {e}" if args.checkpoint else str(e)) from None
     log = os.path.join(args.output, SERVER_LOG)
-    print(f"starting a local tritonserver (log: {log}) ...", flush=True)
-    try:
-        server = TritonServer(repo, log_path=log).start()
-    except (TritonServerError, OSError) as e:
-        print(f"error: could not start the local tritonserver: "
-              f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (log: {log})",
-              file=sys.stderr)
-        return EXIT_UNFINISHED
-    try:
-        return _embed(args.inputs, args.output, server.grpc_url, args.quiet)
-    finally:
-        server.stop()
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(local.serving(args.checkpoint, log, _say))
+        except BuildError as e:
+            raise OutputError(f"--checkpoint: {e}" if args.checkpoint else str(e)) from None
+        except (TritonServerError, OSError) as e:
+            print(f"error: could not start the local tritonserver: "
+                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (log: {log})",
+                  file=sys.stderr)
+            return EXIT_UNFINISHED
+        return _embed(args.inputs, args.output, url, args.quiet)
 
 
 def run_images(args) -> int:
@@ -361,7 +333,8 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     go = run_images if args.inputs else run
-    return run_main(problems_of(args), lambda: go(args), (search.SearchInputError, OutputError))
+    return run_main(problems_of(args), lambda: go(args),
+                    (search.SearchInputError, OutputError, UsageError))
 
 
 if __name__ == "__main__":
