@@ -17,6 +17,11 @@ from __future__ import annotations
 __all__ = ["load_embeddings", "load_failures", "check_complete", "find_copies", "dedup",
            "Duplicates"]
 _COPYDETECT = ("find_copies", "dedup", "Duplicates")
+# The client API (sscd_triton/client/api.py): `with Client(url) as c: c.embed(items)`.
+_API = ["Client", "AsyncClient", "ModelInfo"]
+_EXCEPTIONS = ["BadImage", "SSCDError", "UsageError", "Unfinished", "ServerUnavailable",
+               "ServerOverloaded", "RequestTimeout", "Interrupted", "OutputUnwritable"]
+__all__ += _API + _EXCEPTIONS
 
 
 def __getattr__(name: str):
@@ -29,6 +34,14 @@ def __getattr__(name: str):
         from sscd_triton.copydetect import api
 
         return getattr(api, name)
+    if name in _API:
+        from sscd_triton.client import api
+
+        return getattr(api, name)
+    if name in _EXCEPTIONS:
+        from sscd_triton.client import exceptions
+
+        return getattr(exceptions, name)
     if name in __all__:
         from sscd_triton.client import io
 

@@ -4,7 +4,8 @@ A request failing with no usable answer (see `errors.RETRY`) takes its endpoint 
 rotation for an exponential backoff with jitter (0.5 s doubling to 10 s, times 0.5-1.5);
 then one request probes it again. Any answer (an embedding, a rejected image, a DALI
 batch error, a full queue) keeps it in rotation. When no endpoint has answered anything
-for `give_up_after` seconds, `GiveUp` is raised.
+for `give_up_after` seconds, `errors.NoAnswer` (a GiveUp) is raised: `TimedOut` when
+every endpoint's last failure was the request's own timeout.
 
 No lock is held across an await: the event loop is single-threaded, and waiters sleep on
 a shared future that `report` completes. (A `Condition.wait()` under `asyncio.wait_for`,
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import tritonclient.grpc.aio as grpcaio
 
-from sscd_triton.client.errors import GiveUp, clean_message, status_name
+from sscd_triton.client.errors import NoAnswer, TimedOut, clean_message, status_name
 
 _MAX_GRPC = 2 ** 31 - 1
 
@@ -49,6 +50,7 @@ class Endpoint:
         self.inflight = 0
         self.picks = 0
         self.last_error = ""
+        self.timed_out = False  # its last failure was the request's timeout
 
 
 class Endpoints:
@@ -82,7 +84,8 @@ class Endpoints:
 
     async def pick(self) -> Endpoint:
         """An endpoint to send to: a down one whose backoff is over (as a probe), else the
-        least loaded up one; waits while none can be tried; raises GiveUp."""
+        least loaded up one; waits while none can be tried; raises NoAnswer (TimedOut
+        when every server's last try timed out)."""
         while True:
             now = self._now()
             due = [e for e in self.all if not e.up and not e.probing and e.retry_at <= now]
@@ -98,7 +101,8 @@ class Endpoints:
                 return ep
             deadline = self.last_answer + self.give_up_after
             if now >= deadline:
-                raise GiveUp(self.describe_down())
+                timed_out = all(e.timed_out for e in self.all)
+                raise (TimedOut if timed_out else NoAnswer)(self.describe_down())
             waits = [e.retry_at for e in self.all if not e.probing]
             until = min(waits + [deadline])
             await self._wait_change(max(0.01, until - now))
@@ -113,11 +117,12 @@ class Endpoints:
         if ok:
             if not ep.up:
                 self.on_change(f"{ep.url} answers again")
-            ep.up, ep.fails = True, 0
+            ep.up, ep.fails, ep.timed_out = True, 0, False
             self.last_answer = max(self.last_answer, now)
         else:
             ep.fails += 1
             ep.last_error = clean_message(error) if error is not None else "no answer"
+            ep.timed_out = status_name(error) == "DEADLINE_EXCEEDED"
             base, cap = self.backoff
             delay = min(cap, base * 2 ** (ep.fails - 1)) * random.uniform(0.5, 1.5)
             ep.retry_at = now + delay

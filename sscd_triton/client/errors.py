@@ -70,7 +70,20 @@ MAX_ROWS = re.compile(r"batch-size must be <= (\d+)")
 
 
 class GiveUp(Exception):
-    """No server answered for the allowed time."""
+    """The run cannot go on for want of answers (the base; sscd-embed: exit 3)."""
+
+
+class NoAnswer(GiveUp):
+    """No server answered anything for `give_up_after` s (or at start)."""
+
+
+class TimedOut(NoAnswer):
+    """No server answered for `give_up_after` s, and every server's last try timed out
+    (the request's `timeout`): servers that are there but too slow for it."""
+
+
+class Overloaded(GiveUp):
+    """The server answered "Exceeds maximum queue size" for `busy_for` s."""
 
 
 class Fatal(Exception):

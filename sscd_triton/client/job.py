@@ -9,7 +9,8 @@ it serves (`model_info.describe`), opens the output (`io.ShardStore`: Parquet sh
 (`pipeline.run`: read, batch, send, isolate bad files). It returns a `Summary` or raises
 the errors of `client.exceptions`: UsageError (the output was written by another model,
 the server does not serve the model, ...), ServerUnavailable (no server within
-`START_TIMEOUT` s at start, or for `give_up_after` s later), OutputUnwritable, and
+`START_TIMEOUT` s at start, or for `give_up_after` s later; ServerOverloaded or
+RequestTimeout when it was a full queue or the request timeout), OutputUnwritable, and
 Interrupted (SIGINT/SIGTERM while `handle_signals`); on each of the last three what is
 finished is kept and the same call resumes.
 """
@@ -25,8 +26,8 @@ from typing import Callable
 from sscd_triton import spec
 from sscd_triton.client import io as outio
 from sscd_triton.client import model_info, pipeline, sources, transport
-from sscd_triton.client.exceptions import (Interrupted, OutputUnwritable, ServerUnavailable,
-                                           UsageError)
+from sscd_triton.client.exceptions import (Interrupted, OutputUnwritable, RequestTimeout,
+                                           ServerOverloaded, ServerUnavailable, UsageError)
 from sscd_triton.client.progress import Progress
 
 
@@ -196,8 +197,8 @@ async def embed_files(inputs: list[str], output: str, settings: Settings | None 
             raise
         raise Interrupted("interrupted", kept(store, output), store is not None) from None
     except transport.GiveUp as e:
-        raise ServerUnavailable(model_info.http_hint(str(e), settings.urls),
-                                kept(store, output), store is not None) from None
+        raise unavailable(e)(model_info.http_hint(str(e), settings.urls),
+                             kept(store, output), store is not None) from None
     except outio.WriteError as e:
         raise OutputUnwritable(str(e), kept(store, output)) from None
     except OutputUnwritable as e:
@@ -210,6 +211,16 @@ async def embed_files(inputs: list[str], output: str, settings: Settings | None 
                    unaccepted=stats.unaccepted, elapsed=time.monotonic() - started, info=info,
                    preprocess=mode, requests=sender.requests,
                    preprocess_on=settings.preprocess)
+
+
+def unavailable(e: transport.GiveUp) -> type[ServerUnavailable]:
+    """The ServerUnavailable kind a GiveUp of the transport means (same message and exit
+    status whichever: sscd-embed maps them all to exit 3)."""
+    if isinstance(e, transport.Overloaded):
+        return ServerOverloaded
+    if isinstance(e, transport.TimedOut):
+        return RequestTimeout
+    return ServerUnavailable
 
 
 def open_output(inputs: list[str], output: str, meta: dict, settings: Settings):

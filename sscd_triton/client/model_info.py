@@ -43,7 +43,7 @@ async def describe(endpoints: transport.Endpoints, model: str, headers: dict | N
         if heard:
             return None
         if loop.time() >= deadline:
-            raise transport.GiveUp(not_there(endpoints, start_timeout))
+            raise transport.NoAnswer(not_there(endpoints, start_timeout))
         return deadline - loop.time()
 
     def hear() -> None:

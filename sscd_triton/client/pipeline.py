@@ -155,6 +155,12 @@ def load_item(id_: str, problem: str | None, opts: Options) -> Item | str:
     data, why = sources.read_problem(id_, opts.max_file_bytes)
     if why:
         return why
+    return item_from_bytes(id_, data, opts)
+
+
+def item_from_bytes(id_, data: bytes, opts: Options) -> Item | str:
+    """An Item of one encoded image (decoded here in client mode), or the reason it
+    cannot be embedded."""
     if opts.client_side:
         try:
             tensor = images.load_tensor(data, opts.preprocess, opts.max_pixels)

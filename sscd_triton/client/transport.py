@@ -8,14 +8,16 @@ This module holds the sender policy.
 
 - RETRY (no answer: connection, timeout, a server stopping or loading): the endpoint
   leaves rotation, the request tries again (maybe elsewhere). All servers silent for
-  `give_up_after` s: `GiveUp` (exit 3, resumable). A request that keeps getting no answer
+  `give_up_after` s: `NoAnswer`, a GiveUp (`TimedOut` when the last tries timed out;
+  exit 3, resumable). A request that keeps getting no answer
   while the servers answer others (`lost_tries` times: a request that kills its server)
   is split like a rejected one, and alone it fails.
 - BUSY ("Exceeds maximum queue size"): the queue bound working. The request backs off
   with jitter (0.05 s doubling to 2 s, times 0.5-1.5; waiting requests are not in flight,
   which lowers the pressure), the endpoint stays in rotation, and it counts as an answer.
-  Bounded by `busy_for` seconds: then the run stops with GiveUp (exit 3, resumable):
-  an overloaded server says nothing about the images, so no failure is recorded.
+  Bounded by `busy_for` seconds: then the run stops with `Overloaded`, a GiveUp (exit 3,
+  resumable): an overloaded server says nothing about the images, so no failure is
+  recorded.
 - BATCH (DALI: one corrupt image fails the whole batch DALI ran): the request is split
   into `parts` parts, each sent on, and so on, until the bad image stands alone; a lone
   image failing is re-checked `rechecks` (2) more times after a short jitter (a
@@ -55,8 +57,8 @@ from tritonclient.utils import InferenceServerException
 
 from sscd_triton.client.endpoints import Endpoint, Endpoints, make_client  # noqa: F401  (re-exported)
 from sscd_triton.client.errors import (BATCH, BUSY, ERROR, REJECT, RESTRICTED, RETRY, SHM,  # noqa: F401
-                           Fatal, GiveUp, answered, classify, clean_message,
-                           restricted, split, status_name)
+                           Fatal, GiveUp, NoAnswer, Overloaded, TimedOut, answered,
+                           classify, clean_message, restricted, split, status_name)
 from sscd_triton.client.errors import MAX_ROWS as _MAX_ROWS
 from sscd_triton.client.shm import SHM_PREFIX, ShmSlots, remove_stale_regions  # noqa: F401
 from sscd_triton import images, spec
@@ -277,7 +279,7 @@ class Sender:
             self.max_rows = int(cap.group(1))
             return await self.send(items)
         if outcome.kind == BUSY:  # overloaded past the bound: no verdict on the images, so
-            raise GiveUp(outcome.message)  # none is recorded; the run stops resumable (exit 3)
+            raise Overloaded(outcome.message)  # none is recorded; the run stops resumable (exit 3)
         batch_error = outcome.kind in (BATCH, ERROR)
         if len(items) > 1:
             if batch_error and self.retry_whole and not whole:  # most likely a batch-mate's
@@ -307,7 +309,7 @@ class Sender:
                                                 "then passed")
                 return False
             if outcome.kind == BUSY:
-                raise GiveUp(outcome.message)
+                raise Overloaded(outcome.message)
             if outcome.kind in (REJECT, RETRY):
                 break
         self.on_failure(items[0].id, reason(outcome, tries))
