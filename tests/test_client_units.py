@@ -621,7 +621,7 @@ def test_queue_full_backs_off_without_leaving_rotation():
     # Overloaded past the request's bound: no verdict on the images, so none is recorded as
     # failed (a resume must retry them); the run stops as when no server answers (exit 3).
     client = Busy("a:1", busy=10 ** 6)
-    with pytest.raises(transport.GiveUp,
+    with pytest.raises(transport.Overloaded,  # a GiveUp: sscd-embed exit 3
                        match=r"the server stayed overloaded \(.*Exceeds maximum queue size"):
         _run_sender([client], _items([1, 2]), busy=(0.01, 0.02), busy_for=0.2)
 
@@ -815,8 +815,23 @@ def test_transport_errors_retry_and_dead_endpoints_leave_rotation():
 
 
 def test_gives_up_when_no_server_answers():
-    with pytest.raises(transport.GiveUp, match="no server answered for 0.3s"):
+    with pytest.raises(transport.GiveUp, match="no server answered for 0.3s") as caught:
         _run_sender([FakeClient("a:1", down=True)], _items([1]), give_up=0.3)
+    assert type(caught.value) is transport.NoAnswer
+
+
+def test_requests_timing_out_everywhere_give_up_as_timed_out():
+    """Every server's last try ran past the request timeout: TimedOut (a NoAnswer, so a
+    GiveUp: ServerUnavailable's RequestTimeout kind, sscd-embed's exit 3 unchanged)."""
+    class Slow(FakeClient):
+        def _infer(self, inputs):
+            raise _err("Deadline Exceeded", "DEADLINE_EXCEEDED")
+
+    with pytest.raises(transport.TimedOut, match="no server answered for 0.3s"):
+        _run_sender([Slow("a:1"), Slow("b:1")], _items([1]), give_up=0.3)
+    with pytest.raises(transport.NoAnswer) as caught:  # one of them refuses instead
+        _run_sender([Slow("a:1"), FakeClient("b:1", down=True)], _items([1]), give_up=0.3)
+    assert not isinstance(caught.value, transport.TimedOut)
 
 
 def test_batches_group_shapes_and_cap_padding():

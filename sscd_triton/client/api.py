@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -37,11 +37,9 @@ from sscd_triton.client import items as _items
 from sscd_triton.client import job, model_info, pipeline, sources, transport
 from sscd_triton.client.exceptions import BadImage, UsageError
 from sscd_triton.client.items import ImageInput
+from sscd_triton.client.progress import CallbackProgress, ProgressCallback
 
 log = logging.getLogger("sscd_triton.client")
-
-ProgressCallback = Callable[[int, int, "int | None"], None]
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -258,7 +256,7 @@ class AsyncClient:
         if problems:
             raise UsageError("; ".join(problems))
         return await job.embed_files(names, os.fspath(output), settings,
-                                     CallbackProgress(progress), handle_signals)
+                                     CallbackProgress(progress, log.info), handle_signals)
 
     # --- closing ---------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -288,33 +286,6 @@ def typed(e: BaseException, urls: list[str], started: bool = True) -> Exception:
     kind = job.unavailable(e)
     return kind(model_info.http_hint(str(e), urls), "nothing is kept (embed returns every "
                 "row or raises)", started)
-
-
-class CallbackProgress:
-    """job's Progress (update, set_total, log, close) over `callback(embedded, failed,
-    total)`; log lines go to the `sscd_triton.client` logger."""
-
-    def __init__(self, callback: ProgressCallback | None):
-        self.callback = callback
-        self.embedded = self.failed = 0
-        self.total: int | None = None
-
-    def update(self, embedded: int, failed: int) -> None:
-        self.embedded += embedded
-        self.failed += failed
-        if self.callback is not None:
-            self.callback(self.embedded, self.failed, self.total)
-
-    def set_total(self, total: int) -> None:
-        self.total = total
-        if self.callback is not None:
-            self.callback(self.embedded, self.failed, total)
-
-    def log(self, message: str) -> None:
-        log.info(message)
-
-    def close(self) -> None:
-        pass
 
 
 class Client:

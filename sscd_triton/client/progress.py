@@ -1,8 +1,16 @@
-"""Progress of an embedding job on stderr: a tqdm bar, or plain log lines."""
+"""Progress of an embedding job: on stderr (a tqdm bar, or plain log lines), or through a
+callback (`CallbackProgress`, for Client.embed_files).
+
+Either is what job.embed_files takes: update(embedded, failed), set_total(total),
+log(message), close().
+"""
 from __future__ import annotations
 
 import sys
 import time
+from typing import Callable
+
+ProgressCallback = Callable[[int, int, "int | None"], None]
 
 
 class Progress:
@@ -59,3 +67,32 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class CallbackProgress:
+    """`callback(embedded, failed, total)` (this job's counts; total None until every
+    input was enumerated) on each result; log lines go to `log`."""
+
+    def __init__(self, callback: ProgressCallback | None,
+                 log: Callable[[str], None] = lambda message: None):
+        self.callback = callback
+        self._log = log
+        self.embedded = self.failed = 0
+        self.total: int | None = None
+
+    def update(self, embedded: int, failed: int) -> None:
+        self.embedded += embedded
+        self.failed += failed
+        if self.callback is not None:
+            self.callback(self.embedded, self.failed, self.total)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.callback is not None:
+            self.callback(self.embedded, self.failed, total)
+
+    def log(self, message: str) -> None:
+        self._log(message)
+
+    def close(self) -> None:
+        pass
