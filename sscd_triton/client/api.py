@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
@@ -314,6 +315,9 @@ class Client:
         self._thread = threading.Thread(target=self._loop.run_forever, name="sscd-client",
                                         daemon=True)
         self._thread.start()
+        # a Client dropped without close(): its thread stops when it is collected
+        self._finalizer = weakref.finalize(self, self._loop.call_soon_threadsafe,
+                                           self._loop.stop)
 
     @property
     def settings(self) -> job.Settings:
@@ -383,6 +387,7 @@ class Client:
         try:
             self._run(self._async.aclose())
         finally:
+            self._finalizer.detach()
             loop, self._loop = self._loop, None
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join(10)

@@ -76,6 +76,9 @@ class BadImage(SSCDError, ValueError):
                          + (f" (and {more} more bad item{'s' * (more > 1)}: see .errors)"
                             if more else ""))
 
+    def __reduce__(self):  # picklable (multiprocessing) despite the keyword-less init
+        return type(self), (self.errors, self.embeddings)
+
 
 class Interrupted(Unfinished):
     """Stopped by Ctrl-C or SIGTERM."""
