@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-import sscd_triton
 from conftest import embed  # the shared server fixture: triton
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,20 +24,9 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 LOOPBACK = ("--grpc-address 127.0.0.1", "--http-address 127.0.0.1", "--metrics-address 127.0.0.1")
 
-# Named on the front page while others write them (issue 15). Remove an entry once the
-# thing exists: the checks below then hold it like everything else.
-_BEING_WRITTEN = {"examples/embed_folder.py", "examples/async_many_servers.py"}
-
 # sscd-* words in code that are names, not commands.
 NOT_COMMANDS = {"sscd-triton", "sscd-triton-admin", "sscd-triton-plan-cache",
                 "sscd-trt-cache", "sscd-admin-key"}
-
-
-def _api_ready() -> bool:
-    """The Python API the README shows (Client, AsyncClient, find_copies, dedup) is being
-    built on another branch (issue 15). Delete this helper and its skipif once it lands."""
-    return all(hasattr(sscd_triton, name)
-               for name in ("Client", "AsyncClient", "BadImage", "find_copies", "dedup"))
 
 
 def _commands(text: str) -> list[str]:
@@ -224,8 +212,7 @@ def test_every_relative_link_leads_to_a_file_and_anchor():
             dest = (page.parent / path).resolve() if path else page
             rel = os.path.relpath(dest, ROOT)
             if not dest.exists():
-                if rel not in _BEING_WRITTEN:
-                    broken.append(f"{page.name}: {target} (no such file)")
+                broken.append(f"{page.name}: {target} (no such file)")
             elif anchor and anchor not in _anchors(dest):
                 broken.append(f"{page.name}: {target} (no such heading in {rel})")
     assert not broken, broken
@@ -262,7 +249,6 @@ def test_readme_has_python_blocks():
     assert any("Client(\"127.0.0.1:8001\")" in block for block in blocks)
 
 
-@pytest.mark.skipif(not _api_ready(), reason="the Python API is not on this branch yet (issue 15)")
 def test_readme_python_snippets_run(request):
     """Every ```python block of README.md runs as pasted, in a folder holding photos/a.jpg and
     photos/b.png, against the session's server in place of 127.0.0.1:8001."""
