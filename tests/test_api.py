@@ -245,3 +245,14 @@ def test_examples(triton, photos, tmp_path):
     r = run_example("async_many_servers.py", *photos[:3], "--url", url, "--url", dead)
     assert r.returncode == 0, r.stderr
     assert "(3, 512)" in r.stdout, r.stdout
+
+
+def test_bad_settings_are_one_usage_error_before_anything_is_sent():
+    from sscd_triton import AsyncClient, Client, UsageError
+
+    for kwargs in ({"batch_size": 0}, {"timeout": 0}, {"concurrency": -1},
+                   {"preprocess": "gpu"}):
+        with pytest.raises(UsageError, match=next(iter(kwargs))):
+            Client("127.0.0.1:1", **kwargs)
+    with pytest.raises(UsageError, match="url"):
+        AsyncClient("http://127.0.0.1:8001")

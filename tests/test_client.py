@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -565,3 +566,46 @@ def test_resumes_an_output_of_the_previous_version(triton, tmp_path, layout, par
     order, order2 = np.argsort(ids), np.argsort(ids2)
     cos = np.sum(emb[order] * emb2[order2], axis=1)
     assert cos.min() > 0.9999, cos
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_mid_run_says_so_and_resumes(triton, photos, reference, tmp_path, sig):
+    """Ctrl-C or SIGTERM mid-run: exit 130, one line saying what is kept; the rerun
+    finishes the job."""
+    out = tmp_path / "stopped"
+    args = (photos, "--output", out, "--batch-size", "1", "--shard-size", "1",
+            "--concurrency", "1", "--quiet")
+    proc = start_embed(*args, url=triton.server.grpc_url)
+    wait_for_shards(out, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert re.search(r"^interrupted: \d+ embedded, 0 failed in .*stopped; rerun the same "
+                     r"command to resume$", err, re.M), err
+    assert "Traceback" not in err
+    r = embed(*args, url=triton.server.grpc_url)
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    assert_same(out, reference)
+
+
+def test_interrupted_while_starting_says_so(tmp_path):
+    """Ctrl-C while the server is still being asked what it serves (here: a port that
+    takes connections and never answers): exit 130 and the same one line."""
+    import socket as _socket
+
+    listener = _socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    url = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        proc = start_embed(ROOT / "sscd_triton" / "data" / "photos", "--output",
+                           tmp_path / "out", "--quiet", url=url)
+        time.sleep(2.5)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        listener.close()
+    assert proc.returncode == 130, err
+    assert err.strip() == ("interrupted: nothing was written; rerun the same command to "
+                           "resume"), err

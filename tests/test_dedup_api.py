@@ -301,3 +301,15 @@ def test_example_find_copies(served_output):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("5 images, ") and "group 0 (" in r.stdout
     assert f"copy_{first}" in r.stdout and "best match of " in r.stdout
+
+
+def test_rows_of_one_id_are_one_item():
+    """A path listed in two partitions of an sscd-embed output is embedded twice: its
+    rows are one item, never a pair with itself nor two representatives."""
+    rng = np.random.RandomState(0)
+    v = rng.randn(3, 8).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    dups = sscd_triton.dedup((["a", "a", "b", "c"], np.vstack([v[0], v[0], v[1], v[1]])),
+                             threshold=0.9, keep="first")
+    assert dups.pairs.to_pylist() == [{"id_a": "b", "id_b": "c", "score": pytest.approx(1.0)}]
+    assert dups.groups.column("id").to_pylist() == ["b", "c"]

@@ -135,18 +135,6 @@ def problems_of(args) -> list[str]:
     return out
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def image_problems(args) -> list[str]:
     """Usage problems of the images form, found before anything starts."""
     from sscd_triton.client import sources

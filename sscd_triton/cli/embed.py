@@ -146,21 +146,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate(args) -> list[str]:
-    problems = []
-    for name in ("batch_size", "concurrency", "read_threads", "shard_size", "max_file_bytes",
-                 "max_request_bytes"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    problems = settings_of(args).problems()
     if args.ray_actors < 0:
         problems.append("--ray-actors must be >= 0")
-    if args.partition_size < 0:
-        problems.append("--partition-size must be >= 0")
-    if args.give_up_after <= 0 or args.timeout <= 0:
-        problems.append("--give-up-after and --timeout must be positive")
     for url in args.url:
-        if "://" in url or ":" not in url:
-            problems.append(f"--url {url!r}: give HOST:PORT (the gRPC port), e.g. 127.0.0.1:8001")
-        elif url.rsplit(":", 1)[1] == "8000":
+        if "://" not in url and ":" in url and url.rsplit(":", 1)[1] == "8000":
             print(f"warning: --url {url}: 8000 is Triton's HTTP port by default; gRPC is "
                   "usually 8001", file=sys.stderr)
     args.header = args.header or []
@@ -226,7 +216,8 @@ def settings_of(args) -> job.Settings:
         urls=list(args.url), batch_size=args.batch_size, concurrency=args.concurrency,
         read_threads=args.read_threads, preprocess=args.preprocess,
         preprocess_mode=args.preprocess_mode, shared_memory=args.shared_memory,
-        headers=dict(h.split("=", 1) for h in args.header or []) or None, model=args.model,
+        headers=dict(h.split("=", 1) for h in args.header or [] if "=" in h) or None,
+        model=args.model,
         give_up_after=args.give_up_after, timeout=args.timeout, shard_size=args.shard_size,
         partition_size=args.partition_size, flush_seconds=args.flush_seconds,
         max_file_bytes=args.max_file_bytes, max_request_bytes=args.max_request_bytes,

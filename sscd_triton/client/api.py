@@ -80,19 +80,14 @@ class AsyncClient:
                  headers: dict[str, str] | None = None, read_threads: int = 8,
                  max_file_bytes: int = 64 << 20):
         urls = [url] if isinstance(url, str) else list(url)
-        if not urls or not all(isinstance(u, str) and u for u in urls):
-            raise UsageError(f"url: one HOST:PORT or a list of them, not {url!r}")
-        if preprocess not in ("server", "client"):
-            raise UsageError(f"preprocess: 'server' or 'client', not {preprocess!r}")
-        for name, value in (("concurrency", concurrency), ("read_threads", read_threads),
-                            ("batch_size", batch_size or 1)):
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be a positive integer, not {value!r}")
         self.settings = job.Settings(
             urls=urls, model=model, preprocess=preprocess, preprocess_mode=preprocess_mode,
-            batch_size=batch_size, concurrency=concurrency, timeout=float(timeout),
-            give_up_after=float(give_up_after), headers=dict(headers) if headers else None,
+            batch_size=batch_size, concurrency=concurrency, timeout=timeout,
+            give_up_after=give_up_after, headers=dict(headers) if headers else None,
             read_threads=read_threads, max_file_bytes=max_file_bytes)
+        problems = self.settings.problems(flags=False)
+        if problems:
+            raise UsageError("; ".join(problems))
         self.last_errors: dict[int, str] = {}  # index -> reason, for the last embed call
         self._info: ModelInfo | None = None
         self._facts: dict = {}
@@ -240,24 +235,27 @@ class AsyncClient:
         `progress(embedded, failed, total)`: called as results come (counts of this call;
         total None until every input was enumerated). `overrides`: other job.Settings
         fields for this call (shard_size, partition_size, shared_memory, ...).
-        Raises UsageError (missing inputs, an output written by another model, ...),
-        ServerUnavailable and its kinds, OutputUnwritable, Interrupted (SIGINT/SIGTERM
-        on the main thread); on the last ones what is finished is kept and the same call
-        resumes."""
-        return await self._embed_files(inputs, output, progress, overrides, True)
+        Raises UsageError (missing inputs, a bad setting, an output written by another
+        model, ...), ServerUnavailable and its kinds, OutputUnwritable; on those what is
+        finished is kept and the same call resumes (also after a cancellation: the
+        loop's signals stay the caller's)."""
+        return await self._embed_files(inputs, output, progress, overrides)
 
-    async def _embed_files(self, inputs, output, progress, overrides: dict,
-                           handle_signals: bool) -> job.Summary:
+    async def _embed_files(self, inputs, output, progress, overrides: dict) -> job.Summary:
         if self._closed:
             raise UsageError("the client is closed")
-        settings = dataclasses.replace(self.settings, **overrides)
+        try:
+            settings = dataclasses.replace(self.settings, **overrides)
+        except TypeError as e:  # a keyword that is no setting
+            raise UsageError(f"embed_files: {e}") from None
         names = ([os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike))
                  else [os.fspath(i) for i in inputs])
-        problems = (["no inputs"] if not names else []) + sources.check_args(names)
+        problems = ((["no inputs"] if not names else []) + settings.problems(flags=False)
+                    + sources.check_args(names))
         if problems:
             raise UsageError("; ".join(problems))
         return await job.embed_files(names, os.fspath(output), settings,
-                                     CallbackProgress(progress, log.info), handle_signals)
+                                     CallbackProgress(progress, log.info))
 
     # --- closing ---------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -335,9 +333,10 @@ class Client:
         if threading.current_thread() is self._thread:
             coro.close()
             raise UsageError("a Client cannot be called from its own callbacks")
-        done = threading.Event()
+        started, done = threading.Event(), threading.Event()
 
         async def wrapped():
+            started.set()
             try:
                 return await coro
             finally:
@@ -348,7 +347,12 @@ class Client:
             return future.result()
         except KeyboardInterrupt:  # stop the work and let it clean up, then re-raise
             future.cancel()
-            done.wait(30)
+            # The loop runs callbacks in order: once this one ran, the work has either
+            # started (then it cleans up, setting `done`) or will never run.
+            flushed = threading.Event()
+            self._loop.call_soon_threadsafe(flushed.set)
+            if flushed.wait(30) and started.is_set():
+                done.wait(30)
             raise
 
     def connect(self) -> ModelInfo:
@@ -378,7 +382,7 @@ class Client:
         """AsyncClient.embed_files: sscd-embed's job into `output` (resumable), returning
         job.Summary; `progress(embedded, failed, total)` is called on the client's thread.
         Ctrl-C stops the job (what is finished is kept) and raises KeyboardInterrupt."""
-        return self._run(self._async._embed_files(inputs, output, progress, overrides, False))
+        return self._run(self._async._embed_files(inputs, output, progress, overrides))
 
     def close(self) -> None:
         """Close the gRPC channels and stop the client's thread (idempotent)."""

@@ -53,6 +53,34 @@ class Settings:
     max_request_bytes: int = 64 << 20
     quiet: bool = True  # plain log lines instead of a progress bar
 
+    def problems(self, flags: bool = True) -> list[str]:
+        """What is wrong with these settings, one line each, naming each setting as
+        sscd-embed's flag (`flags`) or as this class's field."""
+        def name(key: str) -> str:
+            return f"--{key.replace('_', '-')}" if flags else key
+
+        out = []
+        for key in ("batch_size", "concurrency", "read_threads", "shard_size",
+                    "max_file_bytes", "max_request_bytes"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                out.append(f"{name(key)} must be >= 1")
+        if not isinstance(self.partition_size, int) or self.partition_size < 0:
+            out.append(f"{name('partition_size')} must be >= 0")
+        if not (_positive(self.give_up_after) and _positive(self.timeout)):
+            out.append(f"{name('give_up_after')} and {name('timeout')} must be positive")
+        if self.preprocess not in ("server", "client"):
+            out.append(f"{name('preprocess')}: server or client, not {self.preprocess!r}")
+        if self.shared_memory not in ("none", "system"):
+            out.append(f"{name('shared_memory')}: none or system, not {self.shared_memory!r}")
+        if not self.urls:
+            out.append(f"{name('urls' if not flags else 'url')}: give at least one HOST:PORT")
+        for url in self.urls:
+            if not isinstance(url, str) or "://" in url or ":" not in url:
+                out.append(f"{'--url' if flags else 'url'} {url!r}: give HOST:PORT (the gRPC "
+                           "port), e.g. 127.0.0.1:8001")
+        return out
+
     @property
     def client_side(self) -> bool:
         return self.preprocess == "client"
@@ -87,6 +115,10 @@ class Summary:
         return self.preprocess_on == "server" and bool(self.info.get("resampled"))
 
 
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
 def kept(store, output: str) -> str:
     """What an unfinished job left in `output`, for its error message."""
     if store is None:
@@ -106,18 +138,18 @@ def output_meta(settings: Settings, info: dict, mode: spec.Preprocess) -> dict:
 
 def run(inputs: list[str], output: str, settings: Settings | None = None,
         progress=None, handle_signals: bool = True) -> Summary:
-    """`embed_files` from synchronous code (runs its own event loop). The same job on
-    Ray Data is `ray_embed.run`."""
+    """`embed_files` from synchronous code (runs its own event loop, so SIGINT/SIGTERM
+    are the job's to handle by default). The same job on Ray Data is `ray_embed.run`."""
     return asyncio.run(embed_files(inputs, output, settings, progress, handle_signals))
 
 
 async def embed_files(inputs: list[str], output: str, settings: Settings | None = None,
-                      progress=None, handle_signals: bool = True) -> Summary:
+                      progress=None, handle_signals: bool = False) -> Summary:
     """Embed every input into `output` (a folder: Parquet shards; a name ending .npz: one
     file), resuming what is there. `progress`: a progress.Progress-like object (update,
     set_total, log, close); by default one that follows `settings.quiet`.
     `handle_signals`: SIGINT/SIGTERM stop the job cleanly (Interrupted) where the loop
-    can take them (the main thread)."""
+    can take them (the main thread); off, the loop's signals stay the caller's."""
     settings = settings or Settings()
     started = time.monotonic()
     progress = progress or Progress(settings.quiet)
@@ -137,75 +169,78 @@ async def embed_files(inputs: list[str], output: str, settings: Settings | None 
     store = slots = sender = stats = None
     complete = signalled = False
     headers = settings.headers or None
-    try:
+    current, work = asyncio.current_task(), None
+
+    def stop() -> None:  # the pipeline once it runs (it stops cleanly), else this job
+        nonlocal signalled
+        signalled = True
+        (work or current).cancel()
+
+    with _signals(stop if handle_signals else None):
         try:
-            info = await model_info.describe(endpoints, model, headers)
-            mode = model_info.resolve_preprocess(info, model, settings.preprocess_mode,
-                                                 settings.client_side)
-            batch = model_info.batch_size(info, settings.batch_size, log)
-            meta = output_meta(settings, info, mode)
-            out = open_output(inputs, output, meta, settings)
             try:
-                store = await asyncio.to_thread(out.open)
-            except OSError as e:
-                raise outio.OutputError(str(e)) from None
-            if store.embedded or store.failed:
-                how = "finished partitions are skipped unread" if store.partitioned else \
-                    "their ids are skipped"
-                log(f"resuming {output}: {store.embedded} embedded and {store.failed} "
-                    f"failed by earlier runs are kept ({how})")
-            if meta["weights_sha256"] is None:
-                log("note: the server does not report its weights fingerprint (an older "
-                    "repository, or a restricted model-config API: --header); the output "
-                    "records it as unknown")
-            opts = pipeline.Options(batch_size=batch, concurrency=settings.concurrency,
-                                    read_threads=settings.read_threads, preprocess=mode,
-                                    client_side=settings.client_side,
-                                    max_file_bytes=settings.max_file_bytes,
-                                    max_request_bytes=settings.max_request_bytes)
-            if settings.shared_memory == "system":
-                slots = transport.ShmSlots(settings.concurrency, headers=headers)
-            sink = pipeline.Sink(store, progress)
-            sender = transport.Sender(endpoints, model, info["input"], info["dims"],
-                                      sink.result, sink.failure, settings.timeout, slots,
-                                      headers=headers, batch_mates=info["batch_mates"],
-                                      log=log)
-            units = pipeline.plan(store, inputs, exclude=[store.folder])
-            task = asyncio.create_task(pipeline.run(units, sink, sender, opts, progress))
-
-            def stop() -> None:
-                nonlocal signalled
-                signalled = True
-                task.cancel()
-
-            with _signals(stop if handle_signals else None):
-                stats = await task
-            accounted = store.new_embedded + store.new_failed
-            if accounted != stats.inputs:  # the invariant everything above exists for
-                raise OutputUnwritable(f"{stats.inputs} new inputs but {accounted} results",
-                                       kept(store, output))
-            complete = True
-        finally:  # the one cleanup path, whatever happened above
-            progress.close()
-            if slots is not None:
-                await slots.close(endpoints.all)
-            await endpoints.close()
-            if store is not None:  # last: a WriteError here still leaves nothing open
-                await asyncio.to_thread(_finish, out, store, complete)
-    except asyncio.CancelledError:
-        if not signalled:
+                info = await model_info.describe(endpoints, model, headers)
+                mode = model_info.resolve_preprocess(info, model, settings.preprocess_mode,
+                                                     settings.client_side)
+                batch = model_info.batch_size(info, settings.batch_size, log)
+                meta = output_meta(settings, info, mode)
+                out = open_output(inputs, output, meta, settings)
+                try:
+                    store = await asyncio.to_thread(out.open)
+                except OSError as e:
+                    raise outio.OutputError(str(e)) from None
+                if store.embedded or store.failed:
+                    how = "finished partitions are skipped unread" if store.partitioned else \
+                        "their ids are skipped"
+                    log(f"resuming {output}: {store.embedded} embedded and {store.failed} "
+                        f"failed by earlier runs are kept ({how})")
+                if meta["weights_sha256"] is None:
+                    log("note: the server does not report its weights fingerprint (an older "
+                        "repository, or a restricted model-config API: --header); the output "
+                        "records it as unknown")
+                opts = pipeline.Options(batch_size=batch, concurrency=settings.concurrency,
+                                        read_threads=settings.read_threads, preprocess=mode,
+                                        client_side=settings.client_side,
+                                        max_file_bytes=settings.max_file_bytes,
+                                        max_request_bytes=settings.max_request_bytes)
+                if settings.shared_memory == "system":
+                    slots = transport.ShmSlots(settings.concurrency, headers=headers)
+                sink = pipeline.Sink(store, progress)
+                sender = transport.Sender(endpoints, model, info["input"], info["dims"],
+                                          sink.result, sink.failure, settings.timeout, slots,
+                                          headers=headers, batch_mates=info["batch_mates"],
+                                          log=log)
+                units = pipeline.plan(store, inputs, exclude=[store.folder])
+                work = asyncio.create_task(pipeline.run(units, sink, sender, opts, progress))
+                stats = await work
+                accounted = store.new_embedded + store.new_failed
+                if accounted != stats.inputs:  # the invariant everything above exists for
+                    raise OutputUnwritable(f"{stats.inputs} new inputs but {accounted} results",
+                                           kept(store, output))
+                complete = True
+            finally:  # the one cleanup path, whatever happened above
+                progress.close()
+                if slots is not None:
+                    await slots.close(endpoints.all)
+                await endpoints.close()
+                if store is not None:  # last: a WriteError here still leaves nothing open
+                    await asyncio.to_thread(_finish, out, store, complete)
+        except asyncio.CancelledError:
+            if not signalled:
+                raise
+            if work is None:  # this task was cancelled: its cancellation is handled here
+                current.uncancel()
+            raise Interrupted("interrupted", kept(store, output), store is not None) from None
+        except transport.GiveUp as e:
+            raise unavailable(e)(model_info.http_hint(str(e), settings.urls),
+                                 kept(store, output), store is not None) from None
+        except outio.WriteError as e:
+            raise OutputUnwritable(str(e), kept(store, output)) from None
+        except OutputUnwritable as e:
+            e.kept = kept(store, output)
             raise
-        raise Interrupted("interrupted", kept(store, output), store is not None) from None
-    except transport.GiveUp as e:
-        raise unavailable(e)(model_info.http_hint(str(e), settings.urls),
-                             kept(store, output), store is not None) from None
-    except outio.WriteError as e:
-        raise OutputUnwritable(str(e), kept(store, output)) from None
-    except OutputUnwritable as e:
-        e.kept = kept(store, output)
-        raise
-    except (transport.Fatal, outio.OutputError) as e:
-        raise UsageError(str(e)) from None
+        except (transport.Fatal, outio.OutputError) as e:
+            raise UsageError(str(e)) from None
     return Summary(output=output, new_embedded=store.new_embedded, new_failed=store.new_failed,
                    embedded=store.embedded, failed=store.failed, skipped=stats.skipped,
                    unaccepted=stats.unaccepted, elapsed=time.monotonic() - started, info=info,

@@ -17,16 +17,20 @@ KEEP = {"largest": "the largest resolution, then the largest file, then most pai
 def near_duplicate_pairs(result: search.Result, threshold: float
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unordered pairs (a < b positions) scoring >= threshold in either direction, each
-    once with its larger score, best first."""
+    once with its larger score, best first. Rows holding the same id (a path listed in
+    two partitions of an sscd-embed output) are one item: its first row."""
     a, b, s = [], [], []
     for block in result.blocks:
         q, r, sc = search.pairs(block, threshold)
-        a.append(np.minimum(q, r))
-        b.append(np.maximum(q, r))
+        a.append(q)
+        b.append(r)
         s.append(sc)
     if not a:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    a, b, s = np.concatenate(a), np.concatenate(b), np.concatenate(s)
+    first_row = first_rows(result.reference_ids)
+    a, b, s = first_row[np.concatenate(a)], first_row[np.concatenate(b)], np.concatenate(s)
+    other = a != b
+    a, b, s = np.minimum(a, b)[other], np.maximum(a, b)[other], s[other]
     order = np.lexsort((-s, b, a))  # by pair, best score first
     a, b, s = a[order], b[order], s[order]
     first = np.ones(len(a), bool)
@@ -34,6 +38,14 @@ def near_duplicate_pairs(result: search.Result, threshold: float
     a, b, s = a[first], b[first], s[first]
     order = np.lexsort((b, a, -s))
     return a[order], b[order], s[order]
+
+
+def first_rows(ids: np.ndarray) -> np.ndarray:
+    """[n] the first row holding each row's id."""
+    _, first, inverse = np.unique(np.asarray(ids, dtype=str), return_index=True,
+                                  return_inverse=True)
+    return first[inverse].astype(np.int64)
+
 
 def connected_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Component label per position (union-find); -1 for positions in no pair."""

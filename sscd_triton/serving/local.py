@@ -62,7 +62,12 @@ def cached_repository(checkpoint: str | None, say: Callable[[str], None] = print
     if not built.passed:  # kept for its report
         raise BuildError(f"the repository built from {source} failed its parity checks "
                          f"(report: {tmp}/report.json)")
-    os.replace(tmp, repo)
+    try:
+        os.replace(tmp, repo)
+    except OSError:
+        if not os.path.isdir(repo):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another job built the same one meanwhile
     return repo
 
 
