@@ -251,14 +251,23 @@ def test_local_repository_is_built_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.pt").write_bytes(b"weights")
     (tmp_path / "bad.pt").write_bytes(b"other")
+    # left by an older version of the project, another checkpoint, a build that died
+    root = tmp_path / "runs" / "repositories"
+    sha = build.sha256_file("m.pt")[:16]
+    older, other = root / f"cpu-square320-{sha}-00000000", root / "cpu-square320-0123-00000000"
+    died = root / f"cpu-square320-{sha}-00000000.partial-999999999"
+    for folder in (older, other, died):
+        folder.mkdir(parents=True)
     said = []
     first = local.cached_repository("m.pt", said.append)
     assert local.cached_repository("m.pt", said.append) == first and len(calls) == 1
-    assert first.startswith(str(tmp_path / "runs" / "repositories"))
+    assert first.startswith(str(root)) and sha in first
     assert "built before" in said[-1]
+    assert sorted(os.listdir(root)) == sorted([other.name, os.path.basename(first)])
+    assert f"removing {older} (built from the same checkpoint by an older version)" in said
     with pytest.raises(build.BuildError):
         local.cached_repository("bad.pt", said.append)
-    assert os.listdir(tmp_path / "runs" / "repositories") == [os.path.basename(first)]
+    assert sorted(os.listdir(root)) == sorted([other.name, os.path.basename(first)])
 
 
 def test_dedup_images_usage_errors(tmp_path):

@@ -6,7 +6,8 @@ served by the bundled tritonserver on 127.0.0.1 while the job runs.
 
 Repositories are kept under `REPOSITORIES` (relative to the working folder), keyed by the
 checkpoint's sha256, the preprocessing and a fingerprint of the code that builds and
-serves them, so a rerun reuses one and a new version of the project builds its own.
+serves them, so a rerun reuses one and a new version of the project builds its own (and
+removes the builds of the same checkpoint that older code left there).
 """
 from __future__ import annotations
 
@@ -68,7 +69,39 @@ def cached_repository(checkpoint: str | None, say: Callable[[str], None] = print
         if not os.path.isdir(repo):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another job built the same one meanwhile
+    for stale in stale_builds(repo):
+        say(f"removing {stale} (built from the same checkpoint by an older version)")
+        shutil.rmtree(stale, ignore_errors=True)
     return repo
+
+
+def stale_builds(repo: str) -> list[str]:
+    """The folders beside `repo` (`cpu-PREPROCESS-SHA-FINGERPRINT`) built from the same
+    checkpoint by other code, and the leftovers of builds whose process is gone."""
+    root, name = os.path.split(repo)
+    sha = name.split("-")[-2]
+    stale = []
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        if entry == name or not os.path.isdir(path):
+            continue
+        base, _, pid = entry.partition(".partial-")
+        if pid:
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.append(path)
+        elif base.startswith("cpu-") and base.split("-")[-2:-1] == [sha]:
+            stale.append(path)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
