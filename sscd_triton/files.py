@@ -46,6 +46,10 @@ def write_atomic(path: str, data: bytes | str | Callable[[BinaryIO], object],
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file the caller asked for, not the temporary one
+        if e.filename in (None, tmp):
+            e.filename = path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -181,10 +181,12 @@ def test_unknown_model_is_a_usage_error(triton):
 
 def test_requests_that_keep_timing_out(triton, photos):
     with Client(triton.server.grpc_url, timeout=0.001, give_up_after=1.0) as c:
+        c._async.last_errors = {0: "an earlier call's"}
         start = time.monotonic()
         with pytest.raises(sscd_triton.RequestTimeout) as caught:
             c.embed(photos[:2])
         assert time.monotonic() - start < 15
+        assert c.last_errors == {}  # not the earlier call's
     assert isinstance(caught.value, TimeoutError)
     assert isinstance(caught.value, sscd_triton.ServerUnavailable)  # sscd-embed: exit 3
 

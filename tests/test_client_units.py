@@ -1096,3 +1096,24 @@ def test_stdin_paths_that_are_not_utf8(monkeypatch):
         monkeypatch.setattr(sys, "stdin", stdin)
         assert list(sources.iter_inputs(["-"])) == [("a\udcff.jpg", None), ("b.jpg", None)]
         assert not sys.stdin.closed
+
+
+def test_a_job_gives_back_the_callers_signal_handlers():
+    """asyncio's remove_signal_handler resets to the default; a caller's own SIGTERM
+    handler (sscd-dedup's, which stops its local server) must survive a job."""
+    import signal
+
+    from sscd_triton.client import job
+
+    def handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        async def main():
+            with job._signals(lambda: None) as s:
+                assert signal.SIGTERM in s.installed
+        asyncio.run(main())
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

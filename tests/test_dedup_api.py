@@ -205,6 +205,8 @@ def check_output(out, folder, first, r):
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # broken.jpg failed
     for name in ("pairs.csv", "groups.parquet", "report.html", "manifest.json"):
         assert (out / name).is_file(), name
+    assert f"(everything in {out}, by this run or earlier ones)" in \
+        (out / "report.html").read_text()
     ids, emb = sscd_triton.load_embeddings(str(out))
     assert len(ids) == 5 and emb.shape == (5, 512)
     groups = pq.read_table(out / "groups.parquet").to_pylist()
@@ -279,6 +281,70 @@ def test_dedup_images_usage_errors(tmp_path):
         "error: give INPUT ... (images) or --embeddings (descriptors), not both"
     r = run_dedup(tmp_path, cwd=tmp_path)
     assert r.returncode == 2 and "needs --output OUT" in r.stderr
+
+
+def test_dedup_bad_threshold_or_background_is_refused_before_anything_starts(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    out = tmp_path / "out"
+    for flags, message in (
+            (["--threshold", "nan"], "--threshold nan: give a finite number, e.g. 0.75"),
+            (["--threshold", "75"], "--threshold 75.0: the scores are cosines, in [-1, 1] "
+                                    "(without --background), e.g. 0.75"),
+            (["--threshold", "0.5", "--background", tmp_path / "nope"],
+             f"--background {tmp_path / 'nope'}: no such file or folder")):
+        r = run_dedup(folder, "--output", out, *flags, cwd=tmp_path)
+        assert (r.returncode, r.stderr.strip()) == (2, f"error: {message}"), r.stderr
+        assert not out.exists() and not (tmp_path / "runs").exists()
+    # sscd-match shares the checks
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "client", "match.py"), "--queries",
+                        "q.npz", "--references", "r.npz", "--output", "m.csv",
+                        "--threshold", "-2"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "--threshold -2.0: the scores are cosines" in r.stderr
+
+
+def test_dedup_output_that_cannot_be_written_is_one_line(tmp_path):
+    emb = write_folder(tmp_path / "emb", ["a", "b"], np.stack([E[0], E[0]]))
+    r = run_dedup("--embeddings", emb, "--pairs", "/proc/no-such.csv", cwd=tmp_path)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last == "error: /proc/no-such.csv: No such file or directory"
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_dedup_sigterm_while_the_local_server_starts_stops_it(tmp_path):
+    """SIGTERM (a timeout, systemd, Kubernetes) as the local server starts: exit 130 and
+    no tritonserver left behind (it runs in a session of its own)."""
+    import signal
+    import time
+
+    folder, _ = photos(tmp_path / "photos")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "client", "dedup.py"), folder,
+                             "--output", tmp_path / "out"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("starting a local tritonserver"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + out + err
+    assert "interrupted" in err and "Traceback" not in err, err
+
+    def ours():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if str(tmp_path).encode() in f.read():
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    assert ours() == []
 
 
 @pytest.fixture(scope="module")

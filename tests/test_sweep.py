@@ -169,3 +169,22 @@ def test_a_point_refused_for_good_is_not_tried_again(tmp_path):
                                   "'triton-grpc-protocol-sscd-admin-key'\" >&2")
     assert not point.row and len(tries) == 1
     assert "This protocol is restricted" in point.error
+
+
+def test_quick_takes_any_stability_last(tmp_path):
+    """--quick (the test's size on a shared machine) adds a last try that accepts any
+    stability, so a busy CI machine still gets every point (Stability % says so)."""
+    from sscd_triton.bench import sweep
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+                    "echo 'Failed to obtain stable measurement within 4 measurement windows'\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    point = sweep.run_point(str(fake), "127.0.0.1:1", "sscd",
+                            sweep.Point("ensemble", "concurrency", 1, 1), [], 1500,
+                            str(tmp_path), 30, 4, sweep.QUICK_ATTEMPTS)
+    tries = calls.read_text().splitlines()
+    assert len(tries) == 4 and "--stability-percentage 10000" in tries[-1]
+    assert "--measurement-interval 3000" in tries[-1] and not point.row

@@ -1,5 +1,6 @@
-"""The skeleton every command-line main shares: usage problems and expected errors as one
-`error:` line each with exit 2, Ctrl-C as 130, never a traceback for either."""
+"""The skeleton every command-line main shares: usage problems, expected errors and files
+that cannot be read or written as one `error:` line each with exit 2, Ctrl-C as 130, never
+a traceback for any of them."""
 from __future__ import annotations
 
 import sys
@@ -10,8 +11,9 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 def run_main(problems: list[str], run: Callable[[], int],
              usage_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """`run()`'s exit status, unless `problems` (found before anything ran) or one of
-    `usage_errors` raised by `run` make it a usage error."""
+    """`run()`'s exit status, unless `problems` (found before anything ran), one of
+    `usage_errors` or an OSError (a full disk, a file that cannot be written) raised by
+    `run` make it a usage error."""
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -21,7 +23,12 @@ def run_main(problems: list[str], run: Callable[[], int],
     except usage_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -9,7 +9,8 @@
 From images (INPUT ... --output OUT): INPUT as embed.py takes them (files, folders,
 glob patterns, @list files, - for stdin). The images are embedded into OUT (embed.py's
 folder layout: OUT/manifest.json, OUT/embeddings/, OUT/failures/; `load_embeddings(OUT)`
-reads it, and rerunning the same command resumes it), then OUT/pairs.csv,
+reads it, rerunning the same command resumes it, and a run with other INPUT adds them: the
+results cover all of OUT), then OUT/pairs.csv,
 OUT/groups.parquet and OUT/report.html are written: a self-contained page showing every
 group's images side by side with their scores, largest groups first, the representative
 marked, the model and threshold named (open it in any browser; no network needed). The
@@ -57,12 +58,14 @@ Exit status: 0 done; 1 (from images) done, report written, but some inputs faile
 embed (reasons in the report and OUT/failures/); 2 bad input (a missing file, an empty
 collection, an unwritable output, INPUT together with --embeddings: one line, nothing
 written); 3 (from images) the server could not be reached, started or did not finish:
-rerun the same command to resume; 130 interrupted.
+rerun the same command to resume; 130 interrupted (Ctrl-C or SIGTERM; a local server is
+stopped too).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -76,7 +79,7 @@ from sscd_triton.copydetect.dedup import KEEP
 from sscd_triton.copydetect.tables import FORMATS, score_text, text_writer, write_table
 from sscd_triton.client.exceptions import UsageError
 from sscd_triton.files import OutputError, check_writable
-from sscd_triton.cli._main import plural, run_main
+from sscd_triton.cli._main import EXIT_INTERRUPTED, plural, run_main
 
 DEFAULT_K = api.DEDUP_K
 EXIT_FAILURES, EXIT_UNFINISHED = 1, 3
@@ -180,6 +183,20 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (timeout, systemd, Kubernetes) stops the job as Ctrl-C does: the local
+    server, in a session of its own, is stopped on the way out instead of left running."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def embed_images(args) -> int:
     """Embed the INPUTs into --output through --url, or a local server started here."""
     if args.url:
@@ -190,8 +207,13 @@ def embed_images(args) -> int:
 
     log = os.path.join(args.output, SERVER_LOG)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_interrupts())
         try:
             url = stack.enter_context(local.serving(args.checkpoint, log, _say))
+        except KeyboardInterrupt:
+            print("interrupted while the local tritonserver was starting: nothing was "
+                  "embedded; rerun the same command", file=sys.stderr)
+            return EXIT_INTERRUPTED
         except BuildError as e:
             raise OutputError(f"--checkpoint: {e}" if args.checkpoint else str(e)) from None
         except (TritonServerError, OSError) as e:
@@ -228,7 +250,7 @@ def run_images(args) -> int:
                                     (io.read_manifest(out) or {}).get("dims"))
     write_outputs(dups, paths[PAIRS], paths[GROUPS], False)
     failures = io.load_failures(out)
-    report.write_report(paths[REPORT], dups, io.read_manifest(out), failures,
+    report.write_report(paths[REPORT], dups, io.read_manifest(out), failures, descriptors=out,
                         title="Near-duplicates in " + ", ".join(args.inputs[:3])
                         + (f" and {len(args.inputs) - 3} more" if len(args.inputs) > 3 else ""))
     for line in summary(args, dups, time.perf_counter() - t0):

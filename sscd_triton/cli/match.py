@@ -39,6 +39,8 @@ an unwritable output: one line, nothing written); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 
@@ -115,6 +117,14 @@ def search_problems(args) -> list[str]:
         ScoreNorm.parse(args.score_norm)
     except ValueError as e:
         out.append(str(e))
+    if args.threshold is not None:
+        if not math.isfinite(args.threshold):
+            out.append(f"--threshold {args.threshold}: give a finite number, e.g. {COPY_THRESHOLD}")
+        elif not args.background and not -1 <= args.threshold <= 1:
+            out.append(f"--threshold {args.threshold}: the scores are cosines, in [-1, 1] "
+                       f"(without --background), e.g. {COPY_THRESHOLD}")
+    if args.background and not os.path.exists(args.background):
+        out.append(f"--background {args.background}: no such file or folder")
     return out
 
 

@@ -193,7 +193,8 @@ def sweep_one(precision: str, args, pa: str, model, jpegs, tensors, work: str) -
         def measure(path, model_name, mode, value, batch, data):
             print(f"[sweep] {precision} {path} {mode} {value:g} (batch {batch})", flush=True)
             pt = sweep.run_point(pa, url, model_name, sweep.Point(path, mode, value, batch), data,
-                                 args.window_ms, work, timeout, args.max_trials)
+                                 args.window_ms, work, timeout, args.max_trials,
+                                 sweep.QUICK_ATTEMPTS if args.quick else sweep.ATTEMPTS)
             if pt.error:
                 print(f"[sweep]   failed: {pt.error}", flush=True)
             return pt
@@ -261,7 +262,8 @@ def write_results(precision: str, res: dict, args, pa: str, tag: str, started: s
         "total_s": round(time.perf_counter() - t_start),
         "perf_analyzer": f"{os.path.relpath(pa, ROOT) if pa.startswith(ROOT + os.sep) else pa} "
                          f"({pa_version}); measurement window {args.window_ms} ms, "
-                         f"stability 25% (then 100%, then 100% over doubled windows: see Stability %, "
+                         f"stability 25% (then 100%, then 100% over doubled windows"
+                         f"{', then any (--quick)' if args.quick else ''}: see Stability %, "
                          f"Window ms), max trials {args.max_trials}, "
                          f"stabilised on average latency and throughput",
         "server_lifetime_statistics": res["lifetime"],

@@ -167,6 +167,7 @@ class AsyncClient:
         """
         if errors not in ("raise", "nan"):
             raise UsageError(f"errors: 'raise' or 'nan', not {errors!r}")
+        self.last_errors = {}  # a call that raises leaves no errors of an earlier one
         inputs = _items.check_items(items)
         info = await self.connect()
         out = np.full((len(inputs), info.dims), np.nan, np.float32)

@@ -275,24 +275,27 @@ class _signals:
 
     def __init__(self, stop: Callable[[], None] | None):
         self.stop = stop
-        self.installed = []
+        self.installed = {}  # signal -> the handler it had before
 
     def __enter__(self):
         if self.stop is None:
             return self
         loop = asyncio.get_running_loop()
         for sig in self.SIGNALS:
+            previous = signal.getsignal(sig)
             try:
                 loop.add_signal_handler(sig, self.stop)
             except (RuntimeError, ValueError):  # not the main thread: the caller's signals
                 break
-            self.installed.append(sig)
+            self.installed[sig] = previous
         return self
 
     def __exit__(self, *exc):
         loop = asyncio.get_running_loop()
-        for sig in self.installed:
-            loop.remove_signal_handler(sig)
+        for sig, previous in self.installed.items():
+            loop.remove_signal_handler(sig)  # resets to the default: give back the caller's
+            if previous is not None:
+                signal.signal(sig, previous)
         return False
 
 

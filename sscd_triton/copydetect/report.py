@@ -92,12 +92,14 @@ def _member_scores(pairs) -> dict:
 
 
 def render(duplicates, manifest: dict | None = None, failures=(), *, title: str = "Near-duplicates",
-           max_groups: int = MAX_GROUPS, max_members: int = MAX_MEMBERS,
-           thumb: int = THUMB, thumbnails=thumbnail_uri) -> str:
+           descriptors: str | None = None, max_groups: int = MAX_GROUPS,
+           max_members: int = MAX_MEMBERS, thumb: int = THUMB,
+           thumbnails=thumbnail_uri) -> str:
     """The page as text. `duplicates`: a `copydetect.api.Duplicates` (its pairs and groups
     tables, threshold, keep, items); `manifest`: the embed output's manifest.json (None:
     unknown model); `failures`: records {"id", "reason"} of the inputs that failed to
-    embed; `thumbnails(id, size)`: a data URI or None."""
+    embed; `descriptors`: the embed output they were read from (named on the page);
+    `thumbnails(id, size)`: a data URI or None."""
     groups = duplicates.groups.to_pydict()
     scores, best = _member_scores(duplicates.pairs)
     by_group: dict[int, list[tuple[str, str]]] = {}
@@ -116,7 +118,9 @@ def render(duplicates, manifest: dict | None = None, failures=(), *, title: str 
     facts = _model_rows(manifest) + [
         ("threshold", f"score (cosine) &ge; {esc(duplicates.threshold)}, each item's "
                       f"{esc(duplicates.k)} nearest neighbours"),
-        ("images", f"{duplicates.items} embedded, {len(failures)} failed to embed"),
+        ("images", f"{duplicates.items} embedded, {len(failures)} failed to embed"
+                   + (f" (everything in {descriptors}, by this run or earlier ones)"
+                      if descriptors else "")),
         ("pairs", str(len(duplicates.pairs))),
         ("groups", f"{n_groups} holding {in_groups} images; keeping one per group removes "
                    f"{in_groups - n_groups}"),

@@ -118,4 +118,6 @@ def serving(checkpoint: str | None = None, log_path: str | None = None,
     try:
         yield server.grpc_url
     finally:
-        server.stop()
+        # the job's own server: what is still queued there after an interrupted job is
+        # nobody's, so it gets a short graceful wait (a finished job's unloads in ~1 s)
+        server.stop(timeout=5)

@@ -203,6 +203,10 @@ class TritonServer:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
+            except BaseException:  # Ctrl-C again while it drains: leave nothing running
+                self._kill_group()
+                self.process = None
+                raise
         self._kill_group()
         clean = self.process.returncode == 0
         self.process = None
