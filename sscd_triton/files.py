@@ -58,6 +58,19 @@ def write_atomic(path: str, data: bytes | str | Callable[[BinaryIO], object],
     return path
 
 
+def writer_alive(pid: int) -> bool:
+    """Whether process `pid`, which names a temporary file or folder it writes (a build's
+    `.partial-PID`, a shared-memory region), still runs: another user's counts as running.
+    The leftovers of one that does not are safe to remove."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
 def copy_atomic(source: str, dest: str) -> str:
     """Copy `source` to `dest` with `write_atomic`'s guarantee."""
     with open(source, "rb") as src:

@@ -288,9 +288,10 @@ def test_dedup_bad_threshold_or_background_is_refused_before_anything_starts(tmp
     folder.mkdir()
     out = tmp_path / "out"
     for flags, message in (
-            (["--threshold", "nan"], "--threshold nan: give a finite number, e.g. 0.75"),
+            (["--threshold", "nan"], "--threshold must be a finite number, got nan"),
             (["--threshold", "75"], "--threshold 75.0: the scores are cosines, in [-1, 1] "
-                                    "(without --background), e.g. 0.75"),
+                                    "without a background set (upstream's copy threshold "
+                                    "is 0.75)"),
             (["--threshold", "0.5", "--background", tmp_path / "nope"],
              f"--background {tmp_path / 'nope'}: no such file or folder")):
         r = run_dedup(folder, "--output", out, *flags, cwd=tmp_path)

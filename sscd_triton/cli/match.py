@@ -39,7 +39,6 @@ an unwritable output: one line, nothing written); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -49,7 +48,7 @@ import numpy as np
 from sscd_triton.cli._help import DefaultsHelpFormatter
 from sscd_triton.copydetect import search
 # 0.75: upstream, cosine > 0.75 = copy at ~90% precision (sscd_disc_mixup, DISC)
-from sscd_triton.copydetect.api import COPY_THRESHOLD
+from sscd_triton.copydetect.api import COPY_THRESHOLD, check_threshold
 from sscd_triton.copydetect.postprocess import ScoreNorm
 from sscd_triton.copydetect.tables import score_text, text_writer
 from sscd_triton.files import OutputError, check_writable, write_atomic
@@ -117,12 +116,10 @@ def search_problems(args) -> list[str]:
         ScoreNorm.parse(args.score_norm)
     except ValueError as e:
         out.append(str(e))
-    if args.threshold is not None:
-        if not math.isfinite(args.threshold):
-            out.append(f"--threshold {args.threshold}: give a finite number, e.g. {COPY_THRESHOLD}")
-        elif not args.background and not -1 <= args.threshold <= 1:
-            out.append(f"--threshold {args.threshold}: the scores are cosines, in [-1, 1] "
-                       f"(without --background), e.g. {COPY_THRESHOLD}")
+    try:
+        check_threshold(args.threshold, "--threshold", cosine=not args.background)
+    except search.SearchInputError as e:
+        out.append(str(e))
     if args.background and not os.path.exists(args.background):
         out.append(f"--background {args.background}: no such file or folder")
     return out

@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from sscd_triton.client.endpoints import Endpoint
 from sscd_triton.client.errors import RESTRICTED, RETRY, Fatal, classify, clean_message, restricted
+from sscd_triton.files import writer_alive
 
 SHM_PREFIX = "sscd_embed_"
 _REGION = re.compile(re.escape(SHM_PREFIX) + r"(\d+)_[0-9a-f]{6}_\d+_\d+_(?:in|out)")
@@ -36,14 +37,8 @@ def remove_stale_regions(folder: str = "/dev/shm") -> list[str]:
         m = _REGION.fullmatch(name)
         if not m:
             continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            continue  # alive: in use
-        except ProcessLookupError:
-            pass
-        except OSError:  # (PermissionError) alive, another user's
-            continue
+        if writer_alive(int(m.group(1))):
+            continue  # in use
         try:
             os.unlink(os.path.join(folder, name))
             removed.append(name)

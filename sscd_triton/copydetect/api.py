@@ -77,12 +77,19 @@ def _vectors(array, name: str) -> np.ndarray:
     return a
 
 
-def _check_threshold(threshold, name: str = "threshold") -> None:
+def check_threshold(threshold, name: str = "threshold", cosine: bool = False) -> None:
+    """SearchInputError unless `threshold` is None or a finite number; with `cosine`, one
+    in [-1, 1] too (the commands' guard against "75" meant as 75%: without score
+    normalisation the scores are cosines; the library takes any, 1.5 keeping nothing)."""
     if threshold is None:
         return
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) \
             or not math.isfinite(float(threshold)):
         raise SearchInputError(f"{name} must be a finite number, got {threshold!r}")
+    if cosine and not -1 <= threshold <= 1:
+        raise SearchInputError(f"{name} {threshold!r}: the scores are cosines, in [-1, 1] "
+                               f"without a background set (upstream's copy threshold is "
+                               f"{COPY_THRESHOLD})")
 
 
 def _background(background, score_norm) -> tuple[np.ndarray | None, ScoreNorm]:
@@ -126,7 +133,7 @@ def find_copies(queries, references, k: int = search.DEFAULT_K, threshold: float
     """
     import pyarrow as pa
 
-    _check_threshold(threshold)
+    check_threshold(threshold)
     q = as_embeddings(queries, "queries")
     r = as_embeddings(references, "references")
     result = _search(q, r, k, False, background, score_norm, options)
@@ -215,7 +222,7 @@ def dedup(embeddings, threshold: float = COPY_THRESHOLD, k: int = DEDUP_K,
     if threshold is None:
         raise SearchInputError("threshold: dedup needs one (upstream's copy threshold is "
                                f"{COPY_THRESHOLD})")
-    _check_threshold(threshold)
+    check_threshold(threshold)
     collection = as_embeddings(embeddings, "embeddings")
     result = _search(collection, collection, k, True, background, score_norm, options)
     a, b, s = near_duplicate_pairs(result, threshold)

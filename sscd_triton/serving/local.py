@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sscd_triton import spec
+from sscd_triton.files import writer_alive
 
 REPOSITORIES = os.path.join("runs", "repositories")
 
@@ -77,31 +78,24 @@ def cached_repository(checkpoint: str | None, say: Callable[[str], None] = print
 
 def stale_builds(repo: str) -> list[str]:
     """The folders beside `repo` (`cpu-PREPROCESS-SHA-FINGERPRINT`) built from the same
-    checkpoint by other code, and the leftovers of builds whose process is gone."""
+    checkpoint by other code (another fingerprint), and the leftovers of builds whose
+    process is gone."""
     root, name = os.path.split(repo)
-    sha = name.split("-")[-2]
+    sha, fingerprint = name.split("-")[-2:]
     stale = []
     for entry in sorted(os.listdir(root)):
         path = os.path.join(root, entry)
-        if entry == name or not os.path.isdir(path):
+        if not os.path.isdir(path):
             continue
         base, _, pid = entry.partition(".partial-")
         if pid:
-            if pid.isdigit() and not _alive(int(pid)):
-                stale.append(path)
-        elif base.startswith("cpu-") and base.split("-")[-2:-1] == [sha]:
+            gone = pid.isdigit() and not writer_alive(int(pid))
+        else:
+            parts = base.split("-")
+            gone = parts[0] == "cpu" and parts[-2:-1] == [sha] and parts[-1] != fingerprint
+        if gone:
             stale.append(path)
     return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
